@@ -1,0 +1,163 @@
+"""Decoding images robustly, the recipe's transforms, and the image dataset.
+
+``load_rgb`` is the one place an image file becomes pixels: EXIF orientation is
+applied, and grayscale, palette, alpha, CMYK and 16-bit inputs all become
+8-bit RGB (transparent areas composited onto white, 16-bit values scaled, not
+clipped). ``verify_images`` decodes every file before training so that a bad
+file stops the run with its name instead of killing a DataLoader worker in
+epoch 7.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile, ImageOps
+from torchvision import transforms
+
+from .records import DatasetError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# A truncated JPEG must fail loudly, never decode as a grey tail.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Open any image file as 8-bit RGB with EXIF orientation applied."""
+    with Image.open(path) as opened:
+        opened.load()
+        image = ImageOps.exif_transpose(opened)
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        values = np.asarray(image, dtype=np.float64)
+        # 16-bit samples span 0..65535; 32-bit "I" images written from 16-bit data do too.
+        scale = 257.0 if mode.startswith("I;16") or values.max(initial=0) > 255 else 1.0
+        gray = np.clip(np.rint(values / scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        high = values.max(initial=0)
+        gray = np.clip(np.rint(values * (255.0 if high <= 1.0 else 1.0)), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if mode == "P" and "transparency" in image.info or mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode.startswith("RGB") or mode.startswith("BGR"):
+        # e.g. 16-bit-per-channel RGB opened as "RGB;16": PIL's convert keeps the high byte.
+        return image.convert("RGB")
+    return image.convert("RGB")
+
+
+@dataclass(frozen=True)
+class ImageTransformConfig:
+    """The recipe's geometry: Resize((resize, resize)) then a crop of ``crop`` pixels."""
+
+    resize: int = 256
+    crop: int = 224
+    keep_aspect: bool = False  # Resize(resize) on the shorter side instead of a square resize
+    hflip: bool = True  # off for data whose identity is not mirror-symmetric (glyphs)
+
+    def resize_size(self):
+        return self.resize if self.keep_aspect else (self.resize, self.resize)
+
+
+def train_transform(config: ImageTransformConfig = ImageTransformConfig(), resized: bool = False) -> Callable:
+    """Resize -> RandomCrop -> horizontal flip -> tensor -> ImageNet normalisation.
+
+    ``resized=True`` leaves out the Resize, for pixels that come pre-resized from the cache.
+    """
+    steps = [] if resized else [transforms.Resize(config.resize_size())]
+    steps += [transforms.RandomCrop(config.crop)] + ([transforms.RandomHorizontalFlip()] if config.hflip else [])
+    steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return transforms.Compose(steps)
+
+
+def eval_transform(config: ImageTransformConfig = ImageTransformConfig(), resized: bool = False) -> Callable:
+    """Resize -> CenterCrop -> tensor -> ImageNet normalisation."""
+    steps = [] if resized else [transforms.Resize(config.resize_size())]
+    steps += [transforms.CenterCrop(config.crop), transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return transforms.Compose(steps)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """(image tensor, label) pairs from paths; pixels from an image cache when one is given.
+
+    ``cache`` is anything with ``read(path) -> HxWx3 uint8 array`` (see :mod:`normsoftmax.data.cache`);
+    its pixels are already resized and go to ``transform`` as that array, so ``transform`` must then be
+    one of the cache's array transforms.
+    """
+
+    def __init__(self, paths: Sequence[str], labels: Sequence[int], transform: Callable, cache=None):
+        self.paths = list(paths)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.transform = transform
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        path = self.paths[index]
+        try:
+            image = self.cache.read(path) if self.cache is not None else load_rgb(path)
+        except Exception as error:
+            # Verification normally catches this before training; keep the file name if it slips through.
+            raise DatasetError(f"{path}: cannot be read as an image ({type(error).__name__}: {error})") from None
+        return self.transform(image), int(self.labels[index])
+
+
+def check_image(path: str) -> str | None:
+    """The reason ``path`` is unusable, or None when it decodes."""
+    if not os.path.isfile(path):
+        return "missing"
+    try:
+        with Image.open(path) as image:
+            # Decoding JPEGs at reduced scale still reads every entropy-coded byte, so truncation is caught, 8x faster.
+            image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+            image.load()
+    except Exception as error:
+        return f"does not decode ({type(error).__name__}: {error})"
+    return None
+
+
+def find_bad_images(paths: Sequence[str], workers: int | None = None, progress: bool = False) -> list[tuple[str, str]]:
+    """(path, reason) for every path that is missing or does not decode."""
+    paths = list(paths)
+    workers = workers if workers is not None else (os.cpu_count() or 1)
+    chunk = max(1, len(paths) // (max(1, workers) * 16))
+    if workers <= 1 or len(paths) < 256:
+        reasons = map(check_image, paths)
+    else:
+        pool = ProcessPoolExecutor(max_workers=workers)
+        reasons = pool.map(check_image, paths, chunksize=chunk)
+    if progress:
+        from tqdm import tqdm
+
+        reasons = tqdm(reasons, total=len(paths), desc="verifying images", unit="img", leave=False)
+    bad = [(path, reason) for path, reason in zip(paths, reasons) if reason is not None]
+    if workers > 1 and len(paths) >= 256:
+        pool.shutdown()
+    return bad
+
+
+def verify_images(paths: Sequence[str], workers: int | None = None, progress: bool = False) -> None:
+    """Raise :class:`DatasetError` naming the bad files, if any."""
+    bad = find_bad_images(paths, workers=workers, progress=progress)
+    if bad:
+        listed = "\n".join(f"  {path}: {reason}" for path, reason in bad[:20])
+        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+        raise DatasetError(f"{len(bad)} of {len(paths)} images cannot be used:\n{listed}{more}")
