@@ -78,3 +78,13 @@ def test_weights_file_with_missing_keys_is_reported(tmp_path, caplog):
 def test_bad_weights_argument():
     with pytest.raises(ValueError, match="imagenet"):
         create_embedder("resnet18", dim=16, weights="/no/such/file.pth")
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "test_vit"])
+def test_timm_model_names_work_when_timm_is_installed(name):
+    pytest.importorskip("timm")
+    model = create_embedder(name, dim=8, weights="none").eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 160, 160))
+    assert out.shape == (2, 8)
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(2))

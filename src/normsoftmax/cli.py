@@ -6,6 +6,9 @@ import argparse
 import json
 import sys
 
+from .data.download import DownloadError
+from .data.extract import ExtractionError
+from .data.prepare import PrepareError
 from .data.records import DatasetError
 
 
@@ -57,6 +60,7 @@ def _add_train(subparsers) -> None:
     _flag(parser, "resize", type=int)
     _flag(parser, "crop", type=int)
     _flag(parser, "hflip", action=argparse.BooleanOptionalAction)
+    _flag(parser, "keep_aspect", action=argparse.BooleanOptionalAction, help="resize the shorter side instead of to a square")
     _flag(parser, "amp", choices=["none", "bf16", "fp16"])
     _flag(parser, "channels_last", action=argparse.BooleanOptionalAction)
     _flag(parser, "eval_batch_size", type=int)
@@ -78,7 +82,8 @@ def _run_train(args) -> int:
     explicit = {key: value for key, value in vars(args).items() if key not in ("handler", "command") and value is not None}
     config = apply_recipe(TrainConfig(), explicit)
     summary = train(config)
-    print(f"run directory: {summary['run_dir']}")
+    if summary["is_main"]:
+        print(f"run directory: {summary['run_dir']}")
     return 0
 
 
@@ -148,7 +153,57 @@ def _run_demo(args) -> int:
 
 
 def _add_prepare(subparsers) -> None:
-    pass  # wired when data/prepare.py lands
+    parser = subparsers.add_parser(
+        "prepare", help="download, verify, extract and check a benchmark dataset (safe to re-run and to interrupt)",
+        description="Prepare a benchmark under --root, or re-verify a prepared copy with --check DIR.")
+    parser.add_argument("dataset", nargs="?", help="cub200, cars196, sop or inshop")
+    parser.add_argument("--root", help="where archives, data and manifest.json go (default data/<dataset>)")
+    parser.add_argument("--url", dest="urls", action="append", default=[], help="download from here instead (repeatable)")
+    parser.add_argument("--from-archive", "--from_archive", dest="from_archives", nargs="+", action="extend", default=[],
+                        help="archives/files downloaded by hand")
+    parser.add_argument("--sha256", action="append", default=[], help="expected SHA-256: HEX, or FILENAME=HEX (repeatable)")
+    parser.add_argument("--check", nargs="?", const="", default=None, metavar="DIR",
+                        help="re-verify every image and the counts (of DIR, or of the prepared --root)")
+    parser.add_argument("--cache", action="store_true", help="also write the pre-resized uint8 image cache")
+    parser.add_argument("--cache-keep-aspect", "--cache_keep_aspect", dest="cache_keep_aspect", action="store_true",
+                        help="cache with the shorter side at --cache-size instead of a square")
+    parser.add_argument("--cache-size", "--cache_size", dest="cache_size", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--retries", type=int, default=5)
+    parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--keep-archives", "--keep_archives", dest="keep_archives", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    parser.set_defaults(handler=_run_prepare)
+
+
+def _run_prepare(args) -> int:
+    from .config import DEFAULT_DATASET_ROOTS
+    from .data.benchmarks import canonical_dataset_name
+    from .data.prepare import PrepareConfig, check_prepared, prepare_dataset
+
+    if args.dataset is None:
+        if not args.check:
+            raise ValueError("name a dataset (cub200, cars196, sop, inshop), or use --check DIR")
+        report = check_prepared(args.check, workers=args.workers, progress=args.progress)
+    else:
+        root = args.root or DEFAULT_DATASET_ROOTS.get(canonical_dataset_name(args.dataset))
+        if args.check:
+            report = check_prepared(args.check, dataset=args.dataset, workers=args.workers, progress=args.progress)
+        else:
+            config = PrepareConfig(dataset=args.dataset, root=root, urls=args.urls, from_archives=args.from_archives,
+                                   sha256=args.sha256, check=args.check is not None, cache=args.cache,
+                                   cache_keep_aspect=args.cache_keep_aspect, cache_size=args.cache_size,
+                                   workers=args.workers, retries=args.retries, timeout=args.timeout,
+                                   keep_archives=args.keep_archives, progress=args.progress)
+            report = prepare_dataset(config)
+    for warning in report.get("warnings", []):
+        print(f"warning: {warning}", file=sys.stderr)
+    for error in report.get("errors", []):
+        print(f"error: {error}", file=sys.stderr)
+    counts = ", ".join(f"{split} {c['images']} images / {c['classes']} classes" for split, c in (report.get("counts") or {}).items())
+    print(f"{report.get('dataset')}: {'OK' if report.get('ok') else 'FAILED'} ({counts})")
+    print(f"--dataset_root {report.get('dataset_root')}")
+    return 0 if report.get("ok") else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.handler(args)
-    except (DatasetError, ValueError, FileNotFoundError) as error:
+    except (DatasetError, ValueError, FileNotFoundError, PrepareError, DownloadError, ExtractionError) as error:
         # Bad input is the user's to fix: one clear message, no stack trace.
         print(f"normsoftmax {args.command}: error: {error}", file=sys.stderr)
         return 2

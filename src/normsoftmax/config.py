@@ -67,6 +67,7 @@ class TrainConfig:
     resize: int = 256
     crop: int = 224
     hflip: bool = True
+    keep_aspect: bool = False  # Resize(resize) on the shorter side instead of Resize((resize, resize))
     amp: str = "none"  # "none", "bf16" or "fp16"
     channels_last: bool = False
     eval_batch_size: int = 0  # 0: same as batch_size

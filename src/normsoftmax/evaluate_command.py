@@ -35,7 +35,8 @@ def _evaluate_checkpoint(config: EvaluateConfig) -> dict:
     evaluated = records.splits()
     evaluated.pop("train")
     verify_images([path for split in evaluated.values() for path in split.paths], workers=resolve_workers(config.workers))
-    transform_config = ImageTransformConfig(resize=train_config.resize, crop=train_config.crop, hflip=train_config.hflip)
+    transform_config = ImageTransformConfig(resize=train_config.resize, crop=train_config.crop,
+                                            keep_aspect=train_config.keep_aspect, hflip=train_config.hflip)
     cache = None
     if config.use_cache:
         from .data.cache import find_cache

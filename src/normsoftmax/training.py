@@ -109,8 +109,8 @@ def choose_run_dir(config: TrainConfig) -> Path:
     return candidate
 
 
-def setup_logging(run_dir: Path | None) -> None:
-    logger.setLevel(logging.INFO)
+def setup_logging(run_dir: Path | None, level: int = logging.INFO) -> None:
+    logger.setLevel(level)
     for handler in list(logger.handlers):
         if getattr(handler, "_normsoftmax", False):
             logger.removeHandler(handler)
@@ -294,7 +294,7 @@ def train(config: TrainConfig) -> dict:
 
     # 1. run directory, config first
     if resume_state is not None:
-        run_dir = Path(resume_state["run_dir"])
+        run_dir = find_checkpoint(config.resume).parent.parent  # follows a run directory that was moved
     else:
         run_dir = choose_run_dir(config) if dist.is_main else None
         if dist.world_size > 1:
@@ -305,7 +305,7 @@ def train(config: TrainConfig) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume_state is None:
             write_config(config, run_dir / "config.json")
-    setup_logging(run_dir if dist.is_main else None)
+    setup_logging(run_dir if dist.is_main else None, logging.INFO if dist.is_main else logging.WARNING)
     logger.info("run directory %s", run_dir)
     if resume_state is not None:
         logger.info("resuming from %s after epoch %d", find_checkpoint(config.resume), resume_state["epoch"])
@@ -320,7 +320,7 @@ def train(config: TrainConfig) -> dict:
         verify_images(records.all_paths(), workers=max(1, workers), progress=config.progress)
         logger.info("all %d images decode", len(records.all_paths()))
     dist.barrier()
-    transform_config = ImageTransformConfig(resize=config.resize, crop=config.crop, hflip=config.hflip)
+    transform_config = ImageTransformConfig(resize=config.resize, crop=config.crop, keep_aspect=config.keep_aspect, hflip=config.hflip)
     cache = None
     if config.use_cache:
         from .data.cache import find_cache
@@ -354,7 +354,7 @@ def train(config: TrainConfig) -> dict:
         writer = SummaryWriter(str(run_dir / "tensorboard"))
 
     # 4-6. warm-up, then the main phase
-    summary = {"run_dir": str(run_dir), "epochs": config.total_epochs, "evaluations": {}}
+    summary = {"run_dir": str(run_dir), "epochs": config.total_epochs, "evaluations": {}, "is_main": dist.is_main}
     optimizer, phase, wrapped = None, None, step_module
     steps_per_epoch = len(train_loader) if not config.max_steps_per_epoch else min(len(train_loader), config.max_steps_per_epoch)
     for epoch in range(start_epoch, config.total_epochs):
@@ -419,7 +419,11 @@ def train(config: TrainConfig) -> dict:
         if progress is not None:
             progress.close()
         elapsed = time.perf_counter() - started
-        mean_loss = epoch_loss * dist.world_size / max(epoch_images, 1)
+        if dist.world_size > 1:
+            total = torch.tensor([epoch_loss], dtype=torch.float64, device=device)
+            torch_dist.all_reduce(total)
+            epoch_loss = total.item()
+        mean_loss = epoch_loss / max(epoch_images, 1)
         logger.info("epoch %d/%d (%s): loss %.4f, lr %.3g, %.1f images/s, %.0f s", epoch + 1, config.total_epochs, phase,
                     mean_loss, lr, epoch_images / max(elapsed, 1e-9), elapsed)
         if writer is not None:

@@ -1,0 +1,164 @@
+"""End to end through the command line: a few training steps, then evaluation, on every fixture format."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from fixtures import WRITERS, write_cub200
+
+from normsoftmax import TrainConfig, train
+
+TINY = ["--model_name", "resnet18", "--weights", "none", "--dim", "32", "--batch_size", "8", "--images_per_class", "2",
+        "--epochs_per_step", "1", "--num_steps", "1", "--pretrain_epochs", "1", "--resize", "40", "--crop", "32",
+        "--workers", "0", "--no-progress"]
+
+RECIPES = {"cub200": "cub200", "cars196": "cars196", "sop": "sop", "inshop": "inshop"}
+
+
+@pytest.mark.parametrize("dataset", ["cub200", "cars196", "sop", "inshop", "folder"])
+def test_train_then_evaluate_on_each_format(tmp_path, cli, dataset):
+    root = WRITERS[dataset](tmp_path / "data")
+    selection = ["--recipe", RECIPES[dataset]] if dataset in RECIPES else ["--dataset", "folder"]
+    run_dir = tmp_path / "run"
+    code, out, err = cli("train", *selection, "--dataset_root", root, "--run_dir", run_dir, *TINY)
+    assert code == 0, err
+    assert f"run directory: {run_dir}" in out
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["model_name"] == "resnet18" and config["dim"] == 32
+    if dataset == "cub200":
+        assert config["lr"] == 0.001 and config["class_balancing"] is True  # from the recipe
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch_001.pt", "epoch_002.pt"]
+    assert "epoch 2/2 (main)" in (run_dir / "train.log").read_text()
+    evaluation = json.loads((run_dir / "eval" / "epoch_002.json").read_text())
+    ks = {"sop": [1, 10, 100, 1000], "inshop": [1, 10, 20, 30, 40, 50]}.get(dataset, [1, 2, 4, 8])
+    for kind in ("float", "binary"):
+        assert set(evaluation[kind]) == {f"recall@{k}" for k in ks} | {"map@r", "r_precision", "nmi"}
+        assert 0 <= evaluation[kind]["recall@1"] <= 100
+    lines = (run_dir / "eval" / "epoch_002.eval").read_text().splitlines()
+    header = ", ".join(f"R@{k}" for k in ks)
+    assert lines[0].startswith(f"Raw Features: {header}: ") and lines[1].startswith(f"Binary Features: {header}: ")
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    checkpoint = torch.load(run_dir / "checkpoints" / "epoch_002.pt", weights_only=False)
+    assert {"model", "criterion", "optimizer", "scaler", "epoch", "rng", "config"} <= set(checkpoint)
+
+    code, out, err = cli("evaluate", run_dir, "--json", "--workers", "0", "--no-progress",
+                         "--save-embeddings", tmp_path / "emb.npz")
+    assert code == 0, err
+    printed = json.loads(out)
+    assert printed["float"] == pytest.approx(evaluation["float"], abs=1e-6)
+    assert printed["num_queries"] == evaluation["num_queries"]
+    code, out, err = cli("evaluate", "--embeddings", tmp_path / "emb.npz", "--k", ",".join(map(str, ks)), "--json")
+    assert code == 0, err
+    assert json.loads(out)["float"]["recall@1"] == pytest.approx(evaluation["float"]["recall@1"], abs=1e-6)
+
+
+def test_corrupt_jpeg_stops_before_training_naming_the_file(tmp_path, cli):
+    root = write_cub200(tmp_path / "data")
+    victim = next((root / "images").rglob("*.jpg"))
+    victim.write_bytes(victim.read_bytes()[:200])
+    code, out, err = cli("train", "--recipe", "cub200", "--dataset_root", root, "--run_dir", tmp_path / "run", *TINY)
+    assert code == 2
+    assert str(victim) in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_bad_flags_give_one_clear_message(tmp_path, cli):
+    root = write_cub200(tmp_path / "data")
+    code, _, err = cli("train", "--recipe", "cub200", "--dataset_root", root, "--run_dir", tmp_path / "run",
+                       *TINY, "--images_per_class", "9")
+    assert code == 2 and "images_per_class (9) is larger than batch_size (8)" in err
+
+
+def tiny_config(root, run_dir, **extra):
+    values = dict(dataset="Cub200", dataset_root=str(root), run_dir=str(run_dir) if run_dir else None, model_name="resnet18", weights="none",
+                  dim=16, batch_size=8, images_per_class=2, class_balancing=True, pretrain_epochs=1, epochs_per_step=1,
+                  num_steps=2, test_every_n_epochs=2, resize=36, crop=32, workers=0, progress=False, lr=0.01)
+    values.update(extra)
+    return TrainConfig(**values)
+
+
+def test_resume_continues_exactly(tmp_path):
+    root = write_cub200(tmp_path / "data")
+    full_dir = tmp_path / "full"
+    train(tiny_config(root, full_dir))
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(full_dir, copy_dir)
+    for later in ("epoch_002.pt", "epoch_003.pt"):
+        (copy_dir / "checkpoints" / later).unlink()
+    train(TrainConfig(resume=str(copy_dir / "checkpoints" / "epoch_001.pt"), workers=0, progress=False))
+    expected = torch.load(full_dir / "checkpoints" / "epoch_003.pt", weights_only=False)
+    resumed = torch.load(copy_dir / "checkpoints" / "epoch_003.pt", weights_only=False)
+    for key, value in expected["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    assert torch.equal(expected["criterion"]["proxies"], resumed["criterion"]["proxies"])
+
+
+def test_existing_run_directory_is_never_overwritten(tmp_path):
+    root = write_cub200(tmp_path / "data")
+    config = tiny_config(root, None, output=str(tmp_path / "runs"), num_steps=0, pretrain_epochs=1)
+    first = train(config)["run_dir"]
+    second = train(config)["run_dir"]
+    assert first != second and Path(second).name.endswith("-2")
+    assert Path(first, "checkpoints", "epoch_001.pt").exists() and Path(second, "checkpoints", "epoch_001.pt").exists()
+
+
+def test_console_entry_points():
+    for command in ([sys.executable, "-m", "normsoftmax", "--help"], [str(Path(sys.executable).parent / "normsoftmax"), "train", "--help"]):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        assert "normsoftmax" in result.stdout
+
+
+def test_distributed_data_parallel_under_torchrun(tmp_path):
+    root = write_cub200(tmp_path / "data", num_classes=8, images_per_class=4)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    command = [str(torchrun), "--nproc_per_node", "2", "-m", "normsoftmax", "train", "--dataset", "Cub200",
+               "--dataset_root", str(root), "--run_dir", str(tmp_path / "run"), "--class_balancing", *TINY]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("run directory:") == 1  # rank 0 alone reports and writes
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert log.count("epoch 2/2 (main)") == 1
+    assert (tmp_path / "run" / "checkpoints" / "epoch_002.pt").exists()
+
+
+from test_download import ArchiveServer  # noqa: E402
+from test_prepare import archives  # noqa: E402,F401  (the fixture: archives in each official layout)
+
+
+@pytest.mark.parametrize("dataset, how", [("cub200", "url"), ("cars196", "archive"), ("sop", "url"), ("inshop", "archive")])
+def test_prepare_from_a_server_or_archives_then_train(tmp_path, cli, archives, dataset, how):
+    server = ArchiveServer()
+    try:
+        files = {"cub200": [archives["cub"]], "cars196": [archives["cars_images"], archives["cars_annos"]],
+                 "sop": [archives["sop"]], "inshop": [archives["inshop_images"], archives["inshop_list"]]}[dataset]
+        if how == "url":
+            source = [arg for f in files for arg in ("--url", server.add(f.name, f.read_bytes()))]
+        else:
+            source = ["--from-archive", *files]
+        root = tmp_path / dataset
+        extra = ["--cache"] if dataset == "cub200" else []
+        code, out, err = cli("prepare", dataset, "--root", root, *source, *extra, "--workers", "1", "--no-progress")
+        assert code == 0, err
+        if how == "url":
+            assert "unverified" in err  # a custom URL without --sha256
+        manifest = json.loads((root / "manifest.json").read_text())
+        assert manifest["status"] == "complete" and manifest["ok"]
+        assert f"--dataset_root {manifest['dataset_root']}" in out
+        code, out, err = cli("prepare", "--check", root, "--workers", "1", "--no-progress")
+        assert code == 0, err
+
+        name = {"cub200": "Cub200", "cars196": "Cars196", "sop": "StanfordOnlineProducts", "inshop": "InShop"}[dataset]
+        run_dir = tmp_path / "run"
+        code, out, err = cli("train", "--dataset", name, "--dataset_root", manifest["dataset_root"], "--run_dir", run_dir,
+                             "--class_balancing", *TINY, "--resize", "256", "--crop", "224")
+        assert code == 0, err
+        log = (run_dir / "train.log").read_text()
+        assert ("pre-resized cache" in log) == (dataset == "cub200")
+        assert (run_dir / "eval" / "epoch_002.json").exists()
+    finally:
+        server.close()
