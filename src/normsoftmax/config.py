@@ -132,7 +132,7 @@ class DemoConfig:
     num_classes: int = 400
     images_per_class: int = 24
     image_size: int = 64
-    epochs: int = 12
+    epochs: int = 8
     seed: int = 0
     workers: int = -1
     device: str = "auto"

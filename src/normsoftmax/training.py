@@ -243,11 +243,12 @@ def evaluate_model(model: Embedder, records: DatasetRecords, transform_config: I
         evaluated_classes = records.query.num_classes
         use_nmi = nmi if nmi is not None else evaluated_classes <= 1000
         result = evaluate_embeddings(query_embeddings=query, query_labels=records.query.labels, gallery_embeddings=gallery,
-                                     gallery_labels=records.gallery.labels, ks=ks, nmi=use_nmi, binary=binary)
+                                     gallery_labels=records.gallery.labels, ks=ks, nmi=use_nmi, binary=binary,
+                                     device=device)
         return result, {"query": query, "gallery": gallery}
     test = embed(records.test)
     use_nmi = nmi if nmi is not None else records.test.num_classes <= 1000
-    result = evaluate_embeddings(test, records.test.labels, ks=ks, nmi=use_nmi, binary=binary)
+    result = evaluate_embeddings(test, records.test.labels, ks=ks, nmi=use_nmi, binary=binary, device=device)
     return result, {"test": test}
 
 
