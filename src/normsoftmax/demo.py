@@ -40,10 +40,11 @@ DEMO_KS = [1, 2, 4, 8]
 
 def demo_train_config(config: DemoConfig, dataset_root: Path, run_dir: Path) -> TrainConfig:
     crop = config.image_size - config.image_size // 8
+    classes_per_batch = min(20, config.num_classes // 2)  # 20 classes x 4 images, fewer for a small demo
     values = dict(dataset="folder", dataset_root=str(dataset_root), run_dir=str(run_dir), model_name="resnet18",
                   weights="none", dim=512, optimizer="adamw", lr=1e-3, weight_decay=5e-4, scheduler="cosine",
                   pretrain_epochs=0, epochs_per_step=config.epochs, num_steps=1, test_every_n_epochs=config.epochs,
-                  class_balancing=True, batch_size=80, images_per_class=4, resize=config.image_size, crop=crop,
+                  class_balancing=True, batch_size=4 * classes_per_batch, images_per_class=4, resize=config.image_size, crop=crop,
                   hflip=False, amp="bf16", channels_last=True, seed=config.seed, device=config.device,
                   workers=config.workers, ks=DEMO_KS, nmi=True, progress=config.progress, keep_checkpoints=1)
     values.update(config.train_overrides)
@@ -78,7 +79,10 @@ def run_demo(config: DemoConfig) -> dict:
     run_dir = output / "run"
     if (run_dir / "config.json").exists():
         # A finished or interrupted earlier demo: keep it beside the new one, never overwrite.
-        run_dir.rename(output / f"run-{time.strftime('%Y%m%d-%H%M%S')}")
+        stamp, suffix = time.strftime("%Y%m%d-%H%M%S"), 1
+        while (output / f"run-{stamp}-{suffix}").exists():
+            suffix += 1
+        run_dir.rename(output / f"run-{stamp}-{suffix}")
     train_config = demo_train_config(config, glyph_root, run_dir)
     device = resolve_device(config.device)
     transform_config = ImageTransformConfig(resize=train_config.resize, crop=train_config.crop, hflip=False)

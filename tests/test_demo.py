@@ -1,0 +1,26 @@
+import json
+
+from normsoftmax import DemoConfig, run_demo
+
+
+def test_demo_command_end_to_end_on_a_small_glyph_set(tmp_path, cli):
+    code, out, err = cli("demo", "--output", tmp_path / "demo", "--num-classes", "8", "--images-per-class", "6",
+                         "--image-size", "32", "--epochs", "1", "--workers", "0", "--no-progress")
+    assert code == 0, err
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert set(results) >= {"trained", "untrained", "raw_pixels"}
+    for name in ("trained", "untrained", "raw_pixels"):
+        assert results[name]["num_queries"] == 24  # 4 unseen classes x 6 images
+        assert set(results[name]["binary"]) >= {"recall@1", "recall@8", "map@r"}
+    assert "raw pixels" in out and "untrained" in out and str(tmp_path / "demo" / "results.json") in out
+    assert (tmp_path / "demo" / "run" / "eval" / "epoch_001.json").exists()
+
+
+def test_demo_rerun_reuses_the_glyphs_and_keeps_the_earlier_run(tmp_path):
+    config = DemoConfig(output=str(tmp_path), num_classes=8, images_per_class=4, image_size=32, epochs=1, workers=0,
+                        progress=False)
+    run_demo(config)
+    manifest = (tmp_path / "glyphs" / "glyphs.json").stat().st_mtime_ns
+    run_demo(config)
+    assert (tmp_path / "glyphs" / "glyphs.json").stat().st_mtime_ns == manifest
+    assert len(list(tmp_path.glob("run-*"))) == 1 and (tmp_path / "run" / "config.json").exists()
