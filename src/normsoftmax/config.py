@@ -81,6 +81,11 @@ class TrainConfig:
     keep_checkpoints: int = 0  # 0: keep every epoch's checkpoint; N: only the newest N
     progress: bool = True
 
+    @classmethod
+    def from_recipe(cls, recipe: str, **overrides) -> "TrainConfig":
+        """A benchmark recipe's hyperparameters, with ``overrides`` on top (as ``--recipe`` plus flags)."""
+        return apply_recipe(cls(), {"recipe": recipe, **overrides})
+
     @property
     def total_epochs(self) -> int:
         return self.pretrain_epochs + self.epochs_per_step * self.num_steps
