@@ -73,3 +73,14 @@ def test_csv_errors_name_file_and_line(tmp_path, rows, message):
     (tmp_path / "d.csv").write_text("\n".join(rows) + "\n")
     with pytest.raises(DatasetError, match=message):
         load_dataset("csv", tmp_path / "d.csv")
+
+
+def test_csv_with_a_byte_order_mark_and_a_quoted_newline(tmp_path):
+    write_images(tmp_path, 4)
+    text = '\ufeffpath,label,split\n0.jpg,"a\nb",train\n1.jpg,c,train\n2.jpg,d,test\n3.jpg\n'
+    (tmp_path / "d.csv").write_text(text, encoding="utf-8")
+    with pytest.raises(DatasetError, match="line 6: expected 3 fields, found 1"):
+        load_dataset("csv", tmp_path / "d.csv")
+    (tmp_path / "d.csv").write_bytes(b"path,label\n\xff\xfe.jpg,a\n")
+    with pytest.raises(DatasetError, match="d.csv: not UTF-8"):
+        load_dataset("csv", tmp_path / "d.csv")

@@ -105,6 +105,10 @@ class TrainConfig:
             (self.scheduler in ("step", "cosine"), f"scheduler must be step or cosine, got {self.scheduler!r}"),
             (self.amp in ("none", "bf16", "fp16"), f"amp must be none, bf16 or fp16, got {self.amp!r}"),
             (self.crop <= self.resize, f"crop ({self.crop}) must not exceed resize ({self.resize})"),
+            (self.max_steps_per_epoch >= 0, f"max_steps_per_epoch must not be negative, got {self.max_steps_per_epoch}"),
+            (self.keep_checkpoints >= 0, f"keep_checkpoints must not be negative, got {self.keep_checkpoints}"),
+            (self.eval_batch_size >= 0, f"eval_batch_size must not be negative, got {self.eval_batch_size}"),
+            (self.workers >= -1, f"workers must be -1 (automatic) or more, got {self.workers}"),
         ]
         for ok, message in checks:
             if not ok:

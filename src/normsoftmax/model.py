@@ -149,15 +149,19 @@ def create_embedder(backbone: str = "resnet50", dim: int = 2048, weights: str = 
 
 
 def load_weights(model: Embedder, path: str) -> tuple[list[str], list[str]]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"{path}: cannot be read as a state dict ({type(error).__name__}: {error})") from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]  # a normsoftmax checkpoint
     if not isinstance(state, dict):
         raise ValueError(f"{path}: expected a state dict, found {type(state).__name__}")
-    if any(key.startswith(("backbone.", "head.")) for key in state):
-        result = model.load_state_dict(state, strict=False)
-    else:
-        result = model.backbone.load_state_dict(state, strict=False)
+    target = model if any(key.startswith(("backbone.", "head.")) for key in state) else model.backbone
+    try:
+        result = target.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # shapes that do not fit, e.g. another architecture's weights
+        raise ValueError(f"{path}: does not fit {model.backbone_name or 'this model'}: {error}") from None
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if missing:
         logger.warning("%s: %d missing keys (left at their initial values): %s", path, len(missing), ", ".join(missing[:10]))

@@ -27,7 +27,8 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -72,7 +73,8 @@ class Distributed:
         if use_cuda:
             torch.cuda.set_device(context.local_rank)
         if not torch_dist.is_initialized():
-            torch_dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+            # Other ranks wait while rank 0 verifies images and evaluates: allow far more than the 10-minute default.
+            torch_dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timedelta(hours=4))
         return context
 
     def barrier(self) -> None:
@@ -83,8 +85,13 @@ class Distributed:
 # ----------------------------------------------------------------------------------------------------------
 # Helpers of the recipe
 # ----------------------------------------------------------------------------------------------------------
-def seed_everything(seed: int, epoch: int) -> None:
-    mixed = seed * 1_000_003 + epoch
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """One number per (seed, epoch, rank): each rank augments its own images differently."""
+    return seed * 1_000_003 + epoch + rank * 7_919_000_003
+
+
+def seed_everything(seed: int, epoch: int, rank: int = 0) -> None:
+    mixed = epoch_seed(seed, epoch, rank)
     random.seed(mixed)
     np.random.seed(mixed % 2**32)
     torch.manual_seed(mixed)
@@ -213,10 +220,32 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
-    state = torch.load(find_checkpoint(path), map_location="cpu", weights_only=False)
+    file = find_checkpoint(path)
+    try:
+        # weights_only: a checkpoint handed to `evaluate` cannot run code; it holds only tensors and plain values.
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"{file}: cannot be read as a normsoftmax checkpoint ({type(error).__name__}: {error})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a normsoftmax checkpoint")
+        raise ValueError(f"{file}: not a normsoftmax checkpoint")
     return state
+
+
+def rng_state() -> dict:
+    """Every generator's state, in types that load with ``weights_only=True``."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def embedder_from_checkpoint(state: dict) -> tuple[Embedder, TrainConfig]:
@@ -224,6 +253,16 @@ def embedder_from_checkpoint(state: dict) -> tuple[Embedder, TrainConfig]:
     model = create_embedder(config.model_name, config.dim, weights="none")
     model.load_state_dict(state["model"])
     return model, config
+
+
+# Settings a resumed run may change; everything else comes from the checkpoint so the run continues unchanged.
+RESUME_OVERRIDES = ("device", "workers", "progress", "dataset_root", "keep_checkpoints", "eval_batch_size")
+
+
+def resumed_config(config: TrainConfig, state: dict) -> TrainConfig:
+    defaults = TrainConfig()
+    overrides = {key: getattr(config, key) for key in RESUME_OVERRIDES if getattr(config, key) != getattr(defaults, key)}
+    return config_from_dict(TrainConfig, {**state["config"], **overrides, "resume": config.resume})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -284,8 +323,7 @@ def train(config: TrainConfig) -> dict:
     resume_state = None
     if config.resume:
         resume_state = load_checkpoint(config.resume)
-        overrides = {key: getattr(config, key) for key in ("device", "workers", "progress")}
-        config = config_from_dict(TrainConfig, {**resume_state["config"], **overrides, "resume": config.resume})
+        config = resumed_config(config, resume_state)
     config.validate()
     dist = Distributed.from_environment(config.device)
     device = resolve_device(config.device)
@@ -295,7 +333,11 @@ def train(config: TrainConfig) -> dict:
 
     # 1. run directory, config first
     if resume_state is not None:
-        run_dir = find_checkpoint(config.resume).parent.parent  # follows a run directory that was moved
+        checkpoint_file = find_checkpoint(config.resume)
+        if checkpoint_file.parent.name != "checkpoints":
+            raise ValueError(f"{checkpoint_file}: resume from a checkpoint inside its run directory "
+                             f"(RUN_DIR/checkpoints/epoch_NNN.pt) or from the run directory itself")
+        run_dir = checkpoint_file.parent.parent  # follows a run directory that was moved
     else:
         run_dir = choose_run_dir(config) if dist.is_main else None
         if dist.world_size > 1:
@@ -354,8 +396,25 @@ def train(config: TrainConfig) -> dict:
 
         writer = SummaryWriter(str(run_dir / "tensorboard"))
 
-    # 4-6. warm-up, then the main phase
     summary = {"run_dir": str(run_dir), "epochs": config.total_epochs, "evaluations": {}, "is_main": dist.is_main}
+
+    def evaluate_epoch(epoch_number: int) -> None:
+        result, _ = evaluate_model(model, records, transform_config, ks, config.eval_batch_size or config.batch_size,
+                                   device, workers, config.amp, config.channels_last, config.nmi, cache,
+                                   progress=config.progress)
+        for line in write_evaluation(run_dir, epoch_number, result, writer):
+            logger.info("epoch %d %s", epoch_number, line)
+        summary["evaluations"][epoch_number] = result
+        summary["last"] = result
+
+    # A run stopped between its checkpoint and that epoch's evaluation gets the evaluation now.
+    if (resume_state is not None and dist.is_main and start_epoch > 0 and should_evaluate(config, start_epoch - 1)
+            and not (run_dir / "eval" / f"epoch_{start_epoch:03d}.json").exists()):
+        logger.info("epoch %d was checkpointed but not evaluated; evaluating it now", start_epoch)
+        evaluate_epoch(start_epoch)
+    dist.barrier()
+
+    # 4-6. warm-up, then the main phase
     optimizer, phase, wrapped = None, None, step_module
     steps_per_epoch = len(train_loader) if not config.max_steps_per_epoch else min(len(train_loader), config.max_steps_per_epoch)
     for epoch in range(start_epoch, config.total_epochs):
@@ -375,10 +434,11 @@ def train(config: TrainConfig) -> dict:
                     step_module, device_ids=[device.index] if device.type == "cuda" else None)
             logger.info("%s phase: training %d parameter tensors with %s", phase, len(trainable), config.optimizer)
 
-        seed_everything(config.seed, epoch + 1)
+        seed_everything(config.seed, epoch + 1, dist.rank)
         if sampler is not None:
             sampler.set_epoch(epoch)
-        train_loader.generator = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+        # DataLoader workers draw their seeds from this generator; the main process from the global RNG.
+        train_loader.generator = torch.Generator().manual_seed(epoch_seed(config.seed, epoch, dist.rank))
         step_module.train()
         epoch_loss, epoch_images, started = 0.0, 0, time.perf_counter()
         batches = iter(train_loader)
@@ -436,23 +496,15 @@ def train(config: TrainConfig) -> dict:
                 "format": CHECKPOINT_FORMAT, "epoch": epoch + 1, "phase": phase, "run_dir": str(run_dir),
                 "config": asdict(config), "model": model.state_dict(), "criterion": criterion.state_dict(),
                 "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "class_names": records.train.class_names,
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+                "class_names": list(records.train.class_names), "rng": rng_state(),
             })
             prune_checkpoints(run_dir, config.keep_checkpoints)
             if should_evaluate(config, epoch):
-                result, _ = evaluate_model(model, records, transform_config, ks, config.eval_batch_size or config.batch_size,
-                                           device, workers, config.amp, config.channels_last, config.nmi, cache,
-                                           progress=config.progress)
-                for line in write_evaluation(run_dir, epoch + 1, result, writer):
-                    logger.info("epoch %d %s", epoch + 1, line)
-                summary["evaluations"][epoch + 1] = result
-                summary["last"] = result
+                evaluate_epoch(epoch + 1)
         dist.barrier()
 
     if writer is not None:
         writer.close()
-    if dist.is_main and "last" in summary:
+    if dist.is_main and "last" in summary and summary["evaluations"].get(config.total_epochs) is not None:
         (run_dir / "final_metrics.json").write_text(json.dumps(summary["last"], indent=2) + "\n")
     return summary

@@ -89,14 +89,19 @@ def _find_root(root: str | os.PathLike, marker: str, subfolder: str) -> Path:
 def _read_table(path: Path, num_fields: int, skip: int = 0) -> list[tuple[int, list[str]]]:
     """Whitespace-separated rows with an exact field count, as (line number, fields)."""
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if number <= skip or not line.strip():
-                continue
-            fields = line.split()
-            if len(fields) != num_fields:
-                raise DatasetError(f"{path}, line {number}: expected {num_fields} fields, found {len(fields)}: {line.rstrip()!r}")
-            rows.append((number, fields))
+    if not path.is_file():
+        raise DatasetError(f"{path}: metadata file not found")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise DatasetError(f"{path}: not UTF-8 text ({error})") from None
+    for number, line in enumerate(lines, start=1):
+        if number <= skip or not line.strip():
+            continue
+        fields = line.split()
+        if len(fields) != num_fields:
+            raise DatasetError(f"{path}, line {number}: expected {num_fields} fields, found {len(fields)}: {line.rstrip()!r}")
+        rows.append((number, fields))
     if not rows:
         raise DatasetError(f"{path}: no entries")
     return rows
@@ -109,10 +114,10 @@ def _as_int(path: Path, number: int, text: str) -> int:
         raise DatasetError(f"{path}, line {number}: {text!r} is not an integer") from None
 
 
-def _split_by_class_half(paths: list[str], class_ids: list[int], names: dict) -> tuple[ImageSet, ImageSet]:
+def _split_by_class_half(paths: list[str], class_ids: list[int], names: dict, source: Path) -> tuple[ImageSet, ImageSet]:
     ordered = sorted(set(class_ids))
     if len(ordered) < 4:
-        raise DatasetError(f"only {len(ordered)} classes found; the class-half split needs at least 4")
+        raise DatasetError(f"{source}: only {len(ordered)} classes found; the class-half split needs at least 4")
     train_classes = set(ordered[: len(ordered) // 2])
     train = [(p, c) for p, c in zip(paths, class_ids) if c in train_classes]
     test = [(p, c) for p, c in zip(paths, class_ids) if c not in train_classes]
@@ -140,7 +145,7 @@ def load_cub200(root: str | os.PathLike) -> DatasetRecords:
         raise DatasetError(f"{base / 'classes.txt'}: class id {unknown[0]} used in image_class_labels.txt is not listed")
     ids = sorted(images)
     paths = [str(base / "images" / images[i]) for i in ids]
-    train, test = _split_by_class_half(paths, [labels[i] for i in ids], names)
+    train, test = _split_by_class_half(paths, [labels[i] for i in ids], names, base / "image_class_labels.txt")
     return DatasetRecords("cub200", str(base), train, test=test)
 
 
@@ -163,21 +168,23 @@ def load_cars196(root: str | os.PathLike) -> DatasetRecords:
     class_names = {index + 1: str(np.ravel(cell)[0]) for index, cell in enumerate(np.ravel(mat["class_names"]))}
     paths, class_ids = [], []
     for number, entry in enumerate(annotations, start=1):
-        relative = str(np.ravel(entry["relative_im_path"])[0])
-        class_id = int(np.ravel(entry["class"])[0])
+        try:
+            relative = str(np.ravel(entry["relative_im_path"])[0])
+            class_id = int(np.ravel(entry["class"])[0])
+        except (IndexError, TypeError, ValueError):
+            raise DatasetError(f"{mat_path}: annotation {number} has an empty or malformed relative_im_path or class") from None
         if class_id not in class_names:
             raise DatasetError(f"{mat_path}: annotation {number} ({relative}) has class {class_id}, "
                                f"outside the {len(class_names)} class_names")
         paths.append(str(base / relative))
         class_ids.append(class_id)
-    train, test = _split_by_class_half(paths, class_ids, class_names)
+    train, test = _split_by_class_half(paths, class_ids, class_names, mat_path)
     return DatasetRecords("cars196", str(base), train, test=test)
 
 
 def _read_ebay(path: Path, base: Path) -> tuple[list[str], list[int]]:
     rows = _read_table(path, 4, skip=1)
-    with open(path, encoding="utf-8") as handle:
-        header = handle.readline().split()
+    header = path.read_text(encoding="utf-8").split("\n", 1)[0].split()
     if header != ["image_id", "class_id", "super_class_id", "path"]:
         raise DatasetError(f"{path}, line 1: expected the header 'image_id class_id super_class_id path', found {' '.join(header)!r}")
     paths = [str(base / fields[3]) for _, fields in rows]
@@ -199,14 +206,13 @@ def load_inshop(root: str | os.PathLike) -> DatasetRecords:
     if partition is None:
         raise DatasetError(f"{root}: list_eval_partition.txt not found (looked for {candidates[0]} and {candidates[1]})")
     base = root.resolve()
-    with open(partition, encoding="utf-8") as handle:
-        first = handle.readline().strip()
-        header = handle.readline().split()
+    rows = _read_table(partition, 3, skip=2)  # reads (and checks the encoding of) the whole file first
+    first, header = (partition.read_text(encoding="utf-8").split("\n") + ["", ""])[:2]
+    first, header = first.strip(), header.split()
     if not first.isdigit():
         raise DatasetError(f"{partition}, line 1: expected the number of images, found {first!r}")
     if header != ["image_name", "item_id", "evaluation_status"]:
         raise DatasetError(f"{partition}, line 2: expected the header 'image_name item_id evaluation_status'")
-    rows = _read_table(partition, 3, skip=2)
     if len(rows) != int(first):
         raise DatasetError(f"{partition}, line 1: announces {first} images but {len(rows)} are listed")
     grouped: dict[str, tuple[list[str], list[str]]] = {"train": ([], []), "query": ([], []), "gallery": ([], [])}

@@ -67,15 +67,23 @@ def load_csv(path: str | os.PathLike) -> DatasetRecords:
     path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise DatasetError(f"{path}: CSV file not found")
+    try:
+        return _read_csv(path)
+    except UnicodeDecodeError as error:
+        raise DatasetError(f"{path}: not UTF-8 text ({error})") from None
+
+
+def _read_csv(path: Path) -> DatasetRecords:
     base = path.parent
-    with open(path, newline="", encoding="utf-8") as handle:
+    with open(path, newline="", encoding="utf-8-sig") as handle:  # -sig: spreadsheets often write a BOM
         reader = csv.reader(handle)
         header = [name.strip().lower() for name in next(reader, [])]
         if "path" not in header or "label" not in header:
             raise DatasetError(f"{path}, line 1: the header must name the columns path and label (and optionally split), found {header}")
         column = {name: header.index(name) for name in ("path", "label", "split") if name in header}
         rows = []
-        for number, fields in enumerate(reader, start=2):
+        for fields in reader:
+            number = reader.line_num
             if not fields or all(not f.strip() for f in fields):
                 continue
             if len(fields) != len(header):

@@ -10,6 +10,7 @@ epoch 7.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -138,20 +139,18 @@ def find_bad_images(paths: Sequence[str], workers: int | None = None, progress: 
     """(path, reason) for every path that is missing or does not decode."""
     paths = list(paths)
     workers = workers if workers is not None else (os.cpu_count() or 1)
-    chunk = max(1, len(paths) // (max(1, workers) * 16))
-    if workers <= 1 or len(paths) < 256:
-        reasons = map(check_image, paths)
-    else:
-        pool = ProcessPoolExecutor(max_workers=workers)
-        reasons = pool.map(check_image, paths, chunksize=chunk)
-    if progress:
-        from tqdm import tqdm
+    parallel = workers > 1 and len(paths) >= 256  # below that, starting processes costs more than it saves
+    with contextlib.ExitStack() as stack:
+        if parallel:
+            pool = stack.enter_context(ProcessPoolExecutor(max_workers=workers))
+            reasons = pool.map(check_image, paths, chunksize=max(1, len(paths) // (workers * 16)))
+        else:
+            reasons = map(check_image, paths)
+        if progress:
+            from tqdm import tqdm
 
-        reasons = tqdm(reasons, total=len(paths), desc="verifying images", unit="img", leave=False)
-    bad = [(path, reason) for path, reason in zip(paths, reasons) if reason is not None]
-    if workers > 1 and len(paths) >= 256:
-        pool.shutdown()
-    return bad
+            reasons = tqdm(reasons, total=len(paths), desc="verifying images", unit="img", leave=False)
+        return [(path, reason) for path, reason in zip(paths, reasons) if reason is not None]
 
 
 def verify_images(paths: Sequence[str], workers: int | None = None, progress: bool = False) -> None:
