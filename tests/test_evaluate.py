@@ -291,6 +291,46 @@ def test_tf32_path_matches_bf16_path():
     assert_metrics_equal(out[0], brute_force(x, y, ks=(1, 4, 16)))
 
 
+def test_fp64_path_matches_bf16_path():
+    rng = np.random.default_rng(6)
+    x, y = _random_case(rng, 300, 24, 60, "gaussian")
+    xt = torch.from_numpy(x)
+    pq, pg = build_positive_pairs(y, y, exclude_self=True)
+    out = []
+    for low in ("bf16", "fp64"):
+        sc = FloatScorer(xt, None, torch.device("cpu"), low_precision=low)
+        pos = Positives.build(pq, pg, sc.exact_scores(torch.from_numpy(pq), torch.from_numpy(pg)).numpy(),
+                              len(y), torch.device("cpu"))
+        before, active = rank_positives(sc, pos, 16, symmetric=True, block_size=64)
+        out.append(metrics_from_ranks(before, active, pos.count, (1, 4, 16)))
+    assert out[0] == out[1]
+
+
+def test_crowded_similarities_switch_to_float64_tiles_and_stay_exact(monkeypatch):
+    """An untrained network's embeddings: every cosine within ~1e-3, so bf16 would leave all pairs ambiguous."""
+    import normsoftmax.evaluate as evaluate_module
+
+    rng = np.random.default_rng(7)
+    x = (rng.normal(size=32) + 0.02 * rng.normal(size=(400, 32))).astype(np.float32)
+    y = np.repeat(np.arange(80), 5)
+    chosen = []
+    original = evaluate_module.FloatScorer
+
+    def recording(*args, **kwargs):
+        scorer = original(*args, **kwargs)
+        chosen.append(scorer.low_precision)
+        return scorer
+
+    monkeypatch.setattr(evaluate_module, "FloatScorer", recording)
+    result = run(x, y, ks=(1, 2, 4, 8), binary=False)
+    assert chosen[-1] == "fp64"
+    assert_metrics_equal(result["float"], brute_force(x, y))
+    spread_out = rng.normal(size=(400, 32)).astype(np.float32)
+    chosen.clear()
+    run(spread_out, y, binary=False)
+    assert chosen == ["bf16"] or chosen == ["tf32"]
+
+
 # --------------------------------------------------------------------------- blocking
 
 

@@ -223,12 +223,19 @@ class FloatScorer:
         if low_precision is None:
             low_precision = "bf16" if _bf16_matmul_is_fast(device) else "tf32"
         self.low_precision = low_precision
+        self._unit_roundoff = 2.0**-24  # of the float32 accumulation in bf16 and tf32 tiles
         if low_precision == "bf16":
             self.tile_dtype = torch.bfloat16
             self._rho = 2.0**-8 / (1 - 2.0**-8)  # relative rounding of the bf16 result
         elif low_precision == "tf32":
             self.tile_dtype = torch.float32
             self._rho = 2.0**-23  # float32 result: rounding covered by the accumulation bound
+        elif low_precision == "fp64":
+            # For embeddings whose similarities crowd within the low-precision error band (an untrained
+            # network): float64 tiles leave almost no pair ambiguous, where bf16 would leave nearly all.
+            self.tile_dtype = torch.float64
+            self._rho = 2.0**-53
+            self._unit_roundoff = 2.0**-53
         else:
             raise ValueError(f"unknown low_precision {low_precision!r}")
         self.dim = int(xq.shape[1])
@@ -255,6 +262,8 @@ class FloatScorer:
             low = unit.to(torch.float32)
             if self.low_precision == "bf16":
                 low = low.to(torch.bfloat16)
+            elif self.low_precision == "fp64":
+                low = unit
             else:
                 low = _round_to_tf32_grid(low)
             codes[s : s + step] = low
@@ -310,7 +319,7 @@ class FloatScorer:
         self.pos = pos
         eps_g = float(self.g_eps.max()) if self.g_eps.numel() else 0.0
         eps_q = self.q_eps
-        acc = 2.0 * self.dim * 2.0**-24 * (1 + eps_q) * (1 + eps_g)
+        acc = 2.0 * self.dim * self._unit_roundoff * (1 + eps_q) * (1 + eps_g)
         delta = (eps_q + eps_g + 3 * eps_q * eps_g + acc + 1e-9)[:, None]  # (nq, 1)
         t = pos.score  # (nq, R) float64, -inf padding
         rho = self._rho
