@@ -220,3 +220,28 @@ def test_truncated_archive_is_an_error_without_marker(work):
     with pytest.raises(ExtractionError):
         extract_archive(archive, target, progress=False)
     assert not marker_path(archive, target).exists()
+
+
+def test_a_second_archive_cannot_escape_through_a_symlink_left_by_the_first(work):
+    archives, parent, target = work
+    folder = tarfile.TarInfo("a/b")
+    folder.type = tarfile.DIRTYPE
+    first = _tar(archives / "first.tgz", [(folder, None), _special("a/b/c", tarfile.SYMTYPE, "../..")])
+    extract_archive(first, target, progress=False)  # a/b/c -> target itself: inside, allowed
+    second = _tar(archives / "second.tgz", [_special("a/b/c/l", tarfile.SYMTYPE, "../../../escaped")])
+    with pytest.raises(UnsafeArchiveError, match="redirects its folder"):
+        extract_archive(second, target, progress=False)
+    assert not (target / "l").is_symlink()
+    assert sorted(p.name for p in parent.iterdir()) == ["bystander.txt", "target"]
+
+
+def test_an_existing_hard_link_is_replaced_not_written_through(work, tmp_path):
+    archives, parent, target = work
+    victim = tmp_path / "victim.txt"
+    victim.write_text("original")
+    (target / "pkg").mkdir(parents=True)
+    os.link(victim, target / "pkg" / "a.txt")
+    archive = _tar(archives / "data.tgz", [_file("pkg/a.txt", b"from the archive")])
+    extract_archive(archive, target, progress=False)
+    assert victim.read_text() == "original"
+    assert (target / "pkg" / "a.txt").read_bytes() == b"from the archive"

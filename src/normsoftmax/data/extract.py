@@ -356,9 +356,10 @@ def _write_members(reader: _Reader, members: list[Member], root: Path, archive: 
                 deferred_dirs.append((final, member))
             elif member.kind == "file":
                 final = _safe_parent(destination, root, checked)
-                if final.is_symlink() or (final.exists() and not final.is_file()):
+                if final.is_symlink() or final.exists():
+                    # Never write into an existing file: it may be a hard link to one outside the target.
                     _remove(final)
-                with reader.open_member(member) as source, open(final, "wb") as sink:
+                with reader.open_member(member) as source, open(final, "xb") as sink:
                     while True:
                         block = source.read(1 << 20)
                         if not block:
@@ -380,6 +381,11 @@ def _write_members(reader: _Reader, members: list[Member], root: Path, archive: 
                 _apply_metadata(final, member)
             elif member.kind == "symlink":
                 final = _safe_parent(destination, root, {})
+                if final.parent != Path(os.path.normpath(destination.parent)):
+                    # The link target was checked from where the archive puts the link; a symlinked folder
+                    # already on disk would put it elsewhere, where the same target can point out.
+                    raise UnsafeArchiveError(f"{destination}: a symlink on disk redirects its folder to {final.parent}; "
+                                             f"refusing to create a link there. Remove the symlink and run again.")
                 if final.is_symlink() or final.exists():
                     _remove(final)
                 os.symlink(member.link.replace("\\", "/"), final)
