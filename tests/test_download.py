@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import http.server
 import os
 import threading
@@ -213,3 +214,15 @@ def test_unverified_file_from_another_url_is_fetched_again(server, tmp_path):
     assert download(first, tmp_path / "data.bin", **FAST).reused
     result = download(second, tmp_path / "data.bin", **FAST)
     assert not result.reused and (tmp_path / "data.bin").read_bytes() == PAYLOAD[::-1]
+
+
+def test_a_file_that_changed_on_the_server_is_not_spliced_onto_the_old_part(server, tmp_path):
+    old, new = PAYLOAD[:200_000], PAYLOAD[:250_000]
+    url = server.add("data.bin", new)
+    (tmp_path / "data.bin.part").write_bytes(old[:1000])
+    # a previous run recorded the old size and no validator (no ETag, no Last-Modified)
+    (tmp_path / "data.bin.part.json").write_text(json.dumps({"url": url, "total": len(old)}))
+    result = download(url, tmp_path / "data.bin", sha256=hashlib.sha256(new).hexdigest(), **FAST)
+    assert (tmp_path / "data.bin").read_bytes() == new
+    assert server.ranges("data.bin")[0] == "bytes=1000-" and server.ranges("data.bin")[-1] is None
+    assert result.sha256 == hashlib.sha256(new).hexdigest()

@@ -234,6 +234,13 @@ def _attempt(url: str, part: Path, meta_path: Path, timeout: float, chunk_size: 
                 log.info("%s: the server resumed at byte %s instead of %d; starting over", url, start, offset)
                 part.unlink(missing_ok=True)
                 raise _Transient("unexpected Content-Range")
+            recorded = meta.get("total")
+            if recorded is not None and total is not None and int(recorded) != total:
+                # Without an ETag or Last-Modified this is the only sign the file changed on the server:
+                # appending would splice two different files together.
+                log.info("%s: the file on the server is now %d bytes, was %s; starting over", url, total, recorded)
+                part.unlink(missing_ok=True)
+                raise _Transient("the file changed on the server")
             mode = "ab"
             result.resumed = True
             log.info("%s: resuming at byte %d", part.name, offset)
