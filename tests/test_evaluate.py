@@ -516,3 +516,20 @@ def test_cuda_matches_cpu():  # pragma: no cover - no GPU on the development mac
     want = run(x, y, ks=(1, 10))
     got = run(torch.from_numpy(x).cuda(), y, ks=(1, 10))
     assert got == want
+
+
+@pytest.mark.parametrize("kind", ["codes", "small_ints", "gaussian"])
+@pytest.mark.parametrize("block_size", [64, 4096])
+def test_one_large_class_among_small_ones_agrees_with_brute_force(kind, block_size):
+    # thresholds are searched per query row: one query's R (299) must not leak into the others'
+    rng = np.random.default_rng(7)
+    x_big, _ = _random_case(rng, 300, 6, 1, kind)
+    x_small, _ = _random_case(rng, 160, 6, 1, kind)
+    x = np.concatenate([x_big, x_small])
+    y = np.concatenate([np.zeros(300, dtype=np.int64), 1 + rng.integers(0, 40, 160)])
+    perm = rng.permutation(len(y))
+    x, y = x[perm], y[perm]
+    ks = (1, 2, 4, 8, 16, 100, 1000)
+    res = run(x, y, ks=ks, block_size=block_size)
+    assert_metrics_equal(res["float"], brute_force(x, y, ks=ks))
+    assert_metrics_equal(res["binary"], brute_force(x, y, ks=ks, binary=True))

@@ -32,7 +32,8 @@ Algorithm
        reaches the query's floor are looked at. In those, elements above the
        best positive's threshold are just counted (dense compare and sum), and
        the few elements between the floor and that threshold become sparse
-       candidates, classified against every threshold of their query.
+       candidates, classified against the thresholds of their query by binary
+       search (thresholds are sorted): O(log R) per candidate.
     4. Counts are capped: Recall@K needs the count of the best positive only
        while it is below max(ks), MAP@R needs the count of the m-th positive
        (0-based) only while it is below R - m. Once a count reaches its cap the
@@ -202,6 +203,31 @@ class Positives:
         return cls(as_t(counts), as_t(index), as_t(table), as_t(pq), as_t(pg))
 
 
+def _ordered_int(x: torch.Tensor) -> torch.Tensor:
+    """float32 -> int64 with the same order (``<``, ``==``) as the floats (no NaN)."""
+    x = x.to(torch.float32) + 0.0  # -0.0 -> +0.0: they compare equal
+    bits = x.view(torch.int32)
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+
+
+def _row_keys(desc: torch.Tensor, span: int) -> tuple[torch.Tensor, int]:
+    """Flatten per-row non-increasing int64 keys in ``[-span, span]`` into one ascending sequence.
+
+    Row q becomes ``q * stride + span - key``, so a per-row ``searchsorted`` is one global
+    ``torch.searchsorted`` with the candidate's value mapped the same way (``_row_query``).
+    """
+    stride = 2 * span + 2
+    rows = torch.arange(desc.shape[0], device=desc.device, dtype=torch.int64)[:, None]
+    return (rows * stride + (span - desc)).reshape(-1), stride
+
+
+def _row_count(flat: torch.Tensor, stride: int, width: int, span: int, q: torch.Tensor,
+               key: torch.Tensor, strict: bool) -> torch.Tensor:
+    """Per candidate: number of entries of row q (non-increasing keys) ``>= key`` (``> key`` if strict)."""
+    v = q * stride + (span - key)
+    return torch.searchsorted(flat, v, right=not strict) - q * width
+
+
 # --------------------------------------------------------------------------- scorers
 
 
@@ -333,6 +359,10 @@ class FloatScorer:
         # a tile value < thr_low[q, m] surely ranks after it (conservative after rounding).
         self.thr_up = torch.where(valid, up, neg_inf).to(torch.float32)
         self.thr_low = torch.where(valid, low, neg_inf).to(torch.float32)
+        # rows are non-increasing (monotone maps of sorted scores): classify by binary search
+        self._span = 1 << 32
+        self._flat_up, self._stride = _row_keys(_ordered_int(self.thr_up), self._span)
+        self._flat_low, _ = _row_keys(_ordered_int(self.thr_low), self._span)
         floor = self.thr_low.to(self.tile_dtype)
         too_high = floor.to(torch.float32) > self.thr_low
         floor = torch.where(too_high, torch.nextafter(floor, torch.full_like(floor, float("-inf"))), floor)
@@ -345,35 +375,40 @@ class FloatScorer:
         self.top = torch.where(too_low, torch.nextafter(top, torch.full_like(top, float("inf"))), top)
 
     def classify(self, q: torch.Tensor, g: torch.Tensor, val: torch.Tensor):
-        """m0 = number of thresholds not surely passed; m1 = number surely not passed."""
-        v = val.to(torch.float32)[:, None]
-        m0 = torch.empty(len(q), dtype=torch.int64, device=self.device)
-        m1 = torch.empty_like(m0)
-        step = max(1, _CHUNK_ELEMENTS // max(1, self.pos.max_r))
-        for s in range(0, len(q), step):
-            qq = q[s : s + step]
-            vv = v[s : s + step]
-            m0[s : s + step] = (self.thr_up[qq] >= vv).sum(1)
-            m1[s : s + step] = (self.thr_low[qq] > vv).sum(1)
+        """m0 = number of thresholds not surely passed; m1 = number surely not passed.
+
+        Threshold rows are non-increasing, so both are a binary search in the query's row:
+        O(log R) per candidate instead of O(max R).
+        """
+        key = _ordered_int(val)
+        w = self.pos.max_r
+        m0 = _row_count(self._flat_up, self._stride, w, self._span, q, key, strict=False)
+        m1 = _row_count(self._flat_low, self._stride, w, self._span, q, key, strict=True)
         return m0, m1
 
     def resolve(self, q, g, m1, m0):
-        """First threshold index in [m1, m0] that the exact key passes, per candidate."""
-        out = torch.empty_like(m1)
-        ar = torch.arange(self.pos.max_r, device=self.device)[None, :]
+        """First threshold index in [m1, m0] that the exact key passes, per candidate.
+
+        Positives are sorted by key, so "the candidate does not rank before positive m"
+        holds on a prefix of each row: binary search inside [m1, m0).
+        """
         order = torch.argsort(q * self.g_codes.shape[0] + g)  # query rows stay in cache
         exact = torch.empty(len(q), dtype=torch.float64, device=self.device)
         exact[order] = self.exact_scores(q[order], g[order])
-        step = max(1, _CHUNK_ELEMENTS // max(1, self.pos.max_r))
-        for s in range(0, len(q), step):
-            qq, gg = q[s : s + step], g[s : s + step]
-            lo, hi = m1[s : s + step, None], m0[s : s + step, None]
-            sc = exact[s : s + step, None]
-            ts, tp = self.pos.score[qq], self.pos.index[qq]
-            above = (sc > ts) | ((sc == ts) & (gg[:, None] < tp))
-            in_range = (ar >= lo) & (ar < hi)
-            out[s : s + step] = m1[s : s + step] + (in_range & ~above).sum(1)
-        return out
+        w = self.pos.max_r
+        score, index = self.pos.score.reshape(-1), self.pos.index.reshape(-1)
+        base = q * w
+        lo, hi = m1.clone(), m0.clone()
+        while True:
+            open_ = lo < hi
+            if not bool(open_.any()):
+                break
+            mid = torch.where(open_, (lo + hi) // 2, 0)
+            ts, tp = score[base + mid], index[base + mid]
+            above = (exact > ts) | ((exact == ts) & (g < tp))
+            lo = torch.where(open_ & ~above, mid + 1, lo)
+            hi = torch.where(open_ & above, mid, hi)
+        return lo
 
 
 class BinaryScorer:
@@ -429,6 +464,9 @@ class BinaryScorer:
         valid = torch.arange(pos.max_r, device=self.device)[None, :] < pos.count[:, None]
         key = self._key(torch.where(valid, pos.score, 0), pos.index)
         self.thr_key = torch.where(valid, key, torch.full_like(key, _INT64_MIN))
+        # keys are strictly decreasing along a row and lie in [-span, span]; padding -> -span
+        self._span = (self.dim + 2) * max(1, self.num_gallery)
+        self._flat_key, self._stride = _row_keys(torch.where(valid, key, -self._span), self._span)
         self.floor_table = torch.where(valid, pos.score, 0).to(self.tile_dtype)
         # a tile value > top[q] (the best positive's score) surely ranks before every positive of q
         if pos.max_r:
@@ -437,11 +475,8 @@ class BinaryScorer:
             self.top = torch.full((len(pos.count),), self.dim + 1, dtype=self.tile_dtype, device=self.device)
 
     def classify(self, q, g, val):
-        key = self._key(val, g)[:, None]
-        m0 = torch.empty(len(q), dtype=torch.int64, device=self.device)
-        step = max(1, _CHUNK_ELEMENTS // max(1, self.pos.max_r))
-        for s in range(0, len(q), step):
-            m0[s : s + step] = (self.thr_key[q[s : s + step]] >= key[s : s + step]).sum(1)
+        key = self._key(val, g)
+        m0 = _row_count(self._flat_key, self._stride, self.pos.max_r, self._span, q, key, strict=False)
         return m0, m0
 
     def resolve(self, q, g, m1, m0):  # pragma: no cover - binary keys are never ambiguous
