@@ -275,13 +275,14 @@ def test_low_precision_error_bound_holds():
         assert float(err.max()) > 0  # the low-precision pass is really inexact
 
 
-def test_tf32_path_matches_bf16_path():
+@pytest.mark.parametrize("other", ["tf32", "fp64"])
+def test_other_tile_precisions_match_the_bf16_path(other):
     rng = np.random.default_rng(5)
     x, y = _random_case(rng, 300, 24, 60, "gaussian")
     xt = torch.from_numpy(x)
     pq, pg = build_positive_pairs(y, y, exclude_self=True)
     out = []
-    for low in ("bf16", "tf32"):
+    for low in ("bf16", other):
         sc = FloatScorer(xt, None, torch.device("cpu"), low_precision=low)
         pos = Positives.build(pq, pg, sc.exact_scores(torch.from_numpy(pq), torch.from_numpy(pg)).numpy(),
                               len(y), torch.device("cpu"))
@@ -289,21 +290,6 @@ def test_tf32_path_matches_bf16_path():
         out.append(metrics_from_ranks(before, active, pos.count, (1, 4, 16)))
     assert out[0] == out[1]
     assert_metrics_equal(out[0], brute_force(x, y, ks=(1, 4, 16)))
-
-
-def test_fp64_path_matches_bf16_path():
-    rng = np.random.default_rng(6)
-    x, y = _random_case(rng, 300, 24, 60, "gaussian")
-    xt = torch.from_numpy(x)
-    pq, pg = build_positive_pairs(y, y, exclude_self=True)
-    out = []
-    for low in ("bf16", "fp64"):
-        sc = FloatScorer(xt, None, torch.device("cpu"), low_precision=low)
-        pos = Positives.build(pq, pg, sc.exact_scores(torch.from_numpy(pq), torch.from_numpy(pg)).numpy(),
-                              len(y), torch.device("cpu"))
-        before, active = rank_positives(sc, pos, 16, symmetric=True, block_size=64)
-        out.append(metrics_from_ranks(before, active, pos.count, (1, 4, 16)))
-    assert out[0] == out[1]
 
 
 def test_crowded_similarities_switch_to_float64_tiles_and_stay_exact(monkeypatch):
