@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures import WRITERS, write_cub200
+from test_download import ArchiveServer
+from test_prepare import archives  # noqa: F401  (the fixture: archives in each official layout)
 
 from normsoftmax import TrainConfig, train
 
@@ -174,12 +176,9 @@ def test_distributed_data_parallel_under_torchrun(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "epoch_002.pt").exists()
 
 
-from test_download import ArchiveServer  # noqa: E402
-from test_prepare import archives  # noqa: E402,F401  (the fixture: archives in each official layout)
-
 
 @pytest.mark.parametrize("dataset, how", [("cub200", "url"), ("cars196", "archive"), ("sop", "url"), ("inshop", "archive")])
-def test_prepare_from_a_server_or_archives_then_train(tmp_path, cli, archives, dataset, how):
+def test_prepare_from_a_server_or_archives_then_train(tmp_path, cli, archives, dataset, how):  # noqa: F811
     server = ArchiveServer()
     try:
         files = {"cub200": [archives["cub"]], "cars196": [archives["cars_images"], archives["cars_annos"]],
