@@ -27,11 +27,11 @@ import torch
 from .config import DemoConfig, TrainConfig
 from .data.custom import load_folder
 from .data.glyphs import generate_glyph_dataset
-from .data.images import ImageTransformConfig, load_rgb
+from .data.images import load_rgb
 from .embed import resolve_device, resolve_workers
 from .evaluate import evaluate_embeddings
 from .model import create_embedder
-from .training import evaluate_model, recall_report, train
+from .training import evaluate_model, image_transform, recall_report, train
 
 logger = logging.getLogger("normsoftmax")
 
@@ -85,7 +85,7 @@ def run_demo(config: DemoConfig) -> dict:
         run_dir.rename(output / f"run-{stamp}-{suffix}")
     train_config = demo_train_config(config, glyph_root, run_dir)
     device = resolve_device(config.device)
-    transform_config = ImageTransformConfig(resize=train_config.resize, crop=train_config.crop, hflip=False)
+    transform_config = image_transform(train_config)
 
     results = {}
     results["raw_pixels"] = evaluate_embeddings(raw_pixel_embeddings(records.test.paths, config.image_size),

@@ -9,10 +9,10 @@ import numpy as np
 
 from .config import RECALL_KS, EvaluateConfig
 from .data.benchmarks import canonical_dataset_name, load_dataset
-from .data.images import ImageTransformConfig, verify_images
+from .data.images import verify_images
 from .embed import resolve_device, resolve_workers
 from .evaluate import evaluate_embeddings, load_embeddings_npz, save_embeddings_npz
-from .training import default_dataset_root, recall_report, embedder_from_checkpoint, evaluate_model, load_checkpoint
+from .training import default_dataset_root, image_transform, open_cache, recall_report, embedder_from_checkpoint, evaluate_model, load_checkpoint
 
 
 def _evaluate_saved(config: EvaluateConfig) -> dict:
@@ -35,13 +35,8 @@ def _evaluate_checkpoint(config: EvaluateConfig) -> dict:
     evaluated = records.splits()
     evaluated.pop("train")
     verify_images([path for split in evaluated.values() for path in split.paths], workers=resolve_workers(config.workers))
-    transform_config = ImageTransformConfig(resize=train_config.resize, crop=train_config.crop,
-                                            keep_aspect=train_config.keep_aspect, hflip=train_config.hflip)
-    cache = None
-    if config.use_cache:
-        from .data.cache import find_cache
-
-        cache = find_cache(records, transform_config)
+    transform_config = image_transform(train_config)
+    cache = open_cache(records, transform_config, config.use_cache)
     device = resolve_device(config.device)
     model.to(device)
     if train_config.channels_last:

@@ -132,6 +132,20 @@ def setup_logging(run_dir: Path | None, level: int = logging.INFO) -> None:
     logger.propagate = False
 
 
+def image_transform(config: TrainConfig) -> ImageTransformConfig:
+    """The geometry a run trains and evaluates with."""
+    return ImageTransformConfig(resize=config.resize, crop=config.crop, keep_aspect=config.keep_aspect, hflip=config.hflip)
+
+
+def open_cache(records: DatasetRecords, transform_config: ImageTransformConfig, enabled: bool = True):
+    """The dataset's pre-resized image cache when enabled, present and matching the transform, else None."""
+    if not enabled:
+        return None
+    from .data.cache import find_cache
+
+    return find_cache(records, transform_config)
+
+
 def learning_rate(config: TrainConfig, epoch: int, fraction: float = 0.0) -> float:
     """The learning rate at ``epoch`` (0-based, warm-up epochs first) and ``fraction`` of the way through it."""
     if epoch < config.pretrain_epochs:
@@ -363,12 +377,8 @@ def train(config: TrainConfig) -> dict:
         verify_images(records.all_paths(), workers=max(1, workers), progress=config.progress)
         logger.info("all %d images decode", len(records.all_paths()))
     dist.barrier()
-    transform_config = ImageTransformConfig(resize=config.resize, crop=config.crop, keep_aspect=config.keep_aspect, hflip=config.hflip)
-    cache = None
-    if config.use_cache:
-        from .data.cache import find_cache
-
-        cache = find_cache(records, transform_config)
+    transform_config = image_transform(config)
+    cache = open_cache(records, transform_config, config.use_cache)
     logger.info("images from %s", f"the pre-resized cache {cache}" if cache is not None else "decoded image files")
     train_loader, sampler = build_train_loader(config, records, transform_config, cache, dist, workers, device)
     ks = config.ks or RECALL_KS[canonical_dataset_name(config.dataset)]

@@ -41,11 +41,7 @@ class ImageSet:
     @classmethod
     def from_raw(cls, paths: Sequence[str], raw_labels: Sequence, names: dict | None = None) -> "ImageSet":
         """Remap arbitrary labels (ints or strings) to ``0..C-1`` in sorted order of the raw label."""
-        raw = list(raw_labels)
-        ordered = sorted(set(raw), key=_sort_key)
-        index = {value: i for i, value in enumerate(ordered)}
-        class_names = [str(names[value]) if names and value in names else str(value) for value in ordered]
-        return cls(list(paths), np.array([index[value] for value in raw], dtype=np.int64), class_names)
+        return remap_shared([(paths, raw_labels)], names)[0]
 
 
 def remap_shared(sets: Iterable[tuple[Sequence[str], Sequence]], names: dict | None = None) -> list[ImageSet]:
