@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -36,24 +37,55 @@ METRIC_KEYS = ("map@r", "r_precision")
 # --------------------------------------------------------------------------- reference
 
 
+def _exact_integers(x) -> np.ndarray:
+    """The rows of ``x`` as Python integers, each row scaled by a power of two (cosines unchanged), exactly."""
+    x = np.asarray(x, dtype=np.float64)  # float16/32 -> float64 is exact
+    mantissa, exponent = np.frexp(x)  # x = mantissa * 2**exponent, 0.5 <= |mantissa| < 1
+    mantissa = (mantissa * 2.0**53).astype(np.int64)  # exact
+    exponent = exponent - 53
+    out = np.empty(x.shape, dtype=object)
+    for i in range(x.shape[0]):
+        nonzero = mantissa[i] != 0
+        base = int(exponent[i][nonzero].min()) if nonzero.any() else 0
+        out[i] = [int(m) << int(e - base) if m else 0 for m, e in zip(mantissa[i], exponent[i])]
+    return out
+
+
+def exact_cosine_order(xq, xg):
+    """Per pair, a key that orders pairs exactly as their real-number cosines: sign(c) c**2 as a Fraction."""
+    iq, ig = _exact_integers(xq), _exact_integers(xg)
+    dots = iq.dot(ig.T)
+    sq_q = (iq * iq).sum(1)
+    sq_g = (ig * ig).sum(1)
+
+    def key(i, j):
+        d, den = dots[i, j], sq_q[i] * sq_g[j]
+        return Fraction(d * abs(d), den) if den else Fraction(0)
+
+    return key
+
+
 def brute_force(xq, yq, xg=None, yg=None, ks=(1, 2, 4, 8), binary=False):
-    """Obviously-correct float64 reference: sort every query's gallery, walk the list."""
+    """Obviously-correct reference: sort every query's gallery, walk the list.
+
+    Float scores are compared exactly (rational arithmetic on the exact values of the inputs), so a tie is
+    a real tie of cosines; binary scores are integers. Ties go to the lower gallery index.
+    """
     loo = xg is None
     if loo:
         xg, yg = xq, yq
-    xq = np.asarray(xq, dtype=np.float64)
-    xg = np.asarray(xg, dtype=np.float64)
     if binary:
-        scores = np.where(xq > 0, 1.0, -1.0) @ np.where(xg > 0, 1.0, -1.0).T
+        scores = np.where(np.asarray(xq) > 0, 1, -1) @ np.where(np.asarray(xg) > 0, 1, -1).T
+
+        def score(i, j):
+            return int(scores[i, j])
     else:
-        nq = np.maximum(np.sqrt((xq * xq).sum(1)), 1e-150)
-        ng = np.maximum(np.sqrt((xg * xg).sum(1)), 1e-150)
-        scores = (xq @ xg.T) / (nq[:, None] * ng[None, :])
+        score = exact_cosine_order(xq, xg)
     hits = {k: 0 for k in ks}
     aps, rps = [], []
     for i in range(len(xq)):
         gallery = [j for j in range(len(xg)) if not (loo and j == i)]
-        ranked = sorted(gallery, key=lambda j: (-scores[i, j], j))  # ties: lower gallery index first
+        ranked = sorted(gallery, key=lambda j: (-score(i, j), j))  # ties: lower gallery index first
         rel = [yg[j] == yq[i] for j in ranked]
         r = sum(rel)
         if r == 0:
@@ -201,22 +233,27 @@ def _random_case(rng, n, d, n_classes, kind):
     return x, y
 
 
+TILES = ["bf16", "tf32", "fp64"]  # every float tile path, forced: each is tested on every CPU
+
+
+@pytest.mark.parametrize("tiles", TILES)
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("kind", ["codes", "small_ints", "gaussian"])
-def test_agrees_with_brute_force_leave_one_out(seed, kind):
+def test_agrees_with_brute_force_leave_one_out(seed, kind, tiles):
     rng = np.random.default_rng(seed)
     n = int(rng.integers(20, 160))
     d = int(rng.integers(4, 9)) if kind != "gaussian" else int(rng.integers(2, 40))
     x, y = _random_case(rng, n, d, int(rng.integers(2, n // 2)), kind)
     ks = (1, 2, 4, 8, 16, 1000)
-    res = run(x, y, ks=ks, block_size=int(rng.choice([3, 16, 64, 4096])))
+    res = run(x, y, ks=ks, block_size=int(rng.choice([3, 16, 64, 4096])), float_tiles=tiles)
     assert_metrics_equal(res["float"], brute_force(x, y, ks=ks))
     assert_metrics_equal(res["binary"], brute_force(x, y, ks=ks, binary=True))
 
 
+@pytest.mark.parametrize("tiles", TILES)
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("kind", ["codes", "small_ints", "gaussian"])
-def test_agrees_with_brute_force_query_gallery(seed, kind):
+def test_agrees_with_brute_force_query_gallery(seed, kind, tiles):
     rng = np.random.default_rng(100 + seed)
     nq, ng = int(rng.integers(5, 80)), int(rng.integers(5, 150))
     d = int(rng.integers(4, 9))
@@ -225,7 +262,7 @@ def test_agrees_with_brute_force_query_gallery(seed, kind):
     xg, yg = _random_case(rng, ng, d, n_classes, kind)
     ks = (1, 3, 10, 500)
     res = evaluate_embeddings(query_embeddings=xq, query_labels=yq, gallery_embeddings=xg, gallery_labels=yg,
-                              ks=ks, nmi=False, block_size=int(rng.choice([4, 32, 4096])))
+                              ks=ks, nmi=False, block_size=int(rng.choice([4, 32, 4096])), float_tiles=tiles)
     assert_metrics_equal(res["float"], brute_force(xq, yq, xg, yg, ks=ks))
     assert_metrics_equal(res["binary"], brute_force(xq, yq, xg, yg, ks=ks, binary=True))
     assert res["queries_without_positive"] == int(sum(1 for label in yq if label not in set(yg)))
@@ -504,9 +541,10 @@ def test_cuda_matches_cpu():  # pragma: no cover - no GPU on the development mac
     assert got == want
 
 
+@pytest.mark.parametrize("tiles", TILES)
 @pytest.mark.parametrize("kind", ["codes", "small_ints", "gaussian"])
 @pytest.mark.parametrize("block_size", [64, 4096])
-def test_one_large_class_among_small_ones_agrees_with_brute_force(kind, block_size):
+def test_one_large_class_among_small_ones_agrees_with_brute_force(kind, block_size, tiles):
     # thresholds are searched per query row: one query's R (299) must not leak into the others'
     rng = np.random.default_rng(7)
     x_big, _ = _random_case(rng, 300, 6, 1, kind)
@@ -516,6 +554,42 @@ def test_one_large_class_among_small_ones_agrees_with_brute_force(kind, block_si
     perm = rng.permutation(len(y))
     x, y = x[perm], y[perm]
     ks = (1, 2, 4, 8, 16, 100, 1000)
-    res = run(x, y, ks=ks, block_size=block_size)
+    res = run(x, y, ks=ks, block_size=block_size, float_tiles=tiles)
     assert_metrics_equal(res["float"], brute_force(x, y, ks=ks))
     assert_metrics_equal(res["binary"], brute_force(x, y, ks=ks, binary=True))
+
+
+_ISA_SCRIPT = """
+import json, sys
+import numpy as np
+from normsoftmax.evaluate import evaluate_embeddings
+data = np.load(sys.argv[1])
+out = {tiles: evaluate_embeddings(data["x"], data["y"], ks=(1, 2, 4, 8, 16), nmi=False, float_tiles=tiles)
+       for tiles in ("bf16", "tf32", "fp64", "auto")}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("limits", [
+    {"ONEDNN_MAX_CPU_ISA": "AVX2"},
+    {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+])
+def test_same_metrics_with_the_instruction_set_limited(tmp_path, limits):
+    """oneDNN, ATen and MKL pick kernels by instruction set; run in a subprocess limited to AVX2."""
+    import os
+    import subprocess
+
+    rng = np.random.default_rng(4)  # small integers: many exact ties of different vectors
+    x, y = _random_case(rng, 121, 8, 40, "small_ints")
+    np.savez(tmp_path / "case.npz", x=x, y=y)
+    env = {**os.environ, **limits, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(tmp_path / "case.npz")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    results = json.loads(done.stdout)
+    ks = (1, 2, 4, 8, 16)
+    want_float, want_binary = brute_force(x, y, ks=ks), brute_force(x, y, ks=ks, binary=True)
+    for tiles, result in results.items():
+        assert_metrics_equal(result["float"], want_float)
+        assert_metrics_equal(result["binary"], want_binary)
+    assert results["bf16"] == results["fp64"] == results["tf32"]

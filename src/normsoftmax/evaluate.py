@@ -59,6 +59,7 @@ from normsoftmax.retrieval import (
     FloatScorer,
     Positives,
     build_positive_pairs,
+    cosine_from_score,
     default_block_size,
     metrics_from_ranks,
     rank_positives,
@@ -72,6 +73,7 @@ CONVENTION = (
     "ties in similarity are broken by gallery order (lower gallery index ranks first)."
 )
 
+FLOAT_TILES = ("auto", "bf16", "tf32", "fp64")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -175,6 +177,7 @@ def evaluate_embeddings(
     device=None,
     block_size=None,
     seed=0,
+    float_tiles="auto",
 ) -> dict:
     """Evaluate embeddings for retrieval; see the module docstring for the conventions.
 
@@ -190,6 +193,10 @@ def evaluate_embeddings(
         block_size: queries (and gallery items) per tile; memory grows with its
             square. Default 2048 on the CPU, 8192 on accelerators.
         seed: k-means seed.
+        float_tiles: precision of the similarity tiles of the float ranking: ``"auto"`` (bf16 where the
+            CPU has native bf16 matmul, TF32-grid float32 elsewhere, float64 when similarities crowd), or
+            one of ``"bf16"``, ``"tf32"``, ``"fp64"`` to force a path. Every path gives the same metrics
+            (the tiles only sort pairs into sure and ambiguous; ambiguous ones are re-scored exactly).
 
     Inputs may be numpy arrays or torch tensors (any float dtype); bad inputs
     raise ``ValueError``. Returns ``{"float": {...}, "binary": {...}, "num_queries",
@@ -209,6 +216,8 @@ def evaluate_embeddings(
     block_size = int(block_size)
     if block_size < 1:
         raise ValueError(f"block_size must be positive, got {block_size}")
+    if float_tiles not in FLOAT_TILES:
+        raise ValueError(f"float_tiles must be one of {', '.join(FLOAT_TILES)}, got {float_tiles!r}")
 
     symmetric = mode == "leave-one-out"
     xq = xq.to(device)
@@ -219,13 +228,17 @@ def evaluate_embeddings(
     count = np.bincount(pq, minlength=nq)
     result: dict[str, Any] = {}
 
-    kinds = [("float", FloatScorer)] + ([("binary", BinaryScorer)] if binary else [])
+    kinds = ["float", "binary"] if binary else ["float"]
     pq_t = torch.from_numpy(pq).to(device)
     pg_t = torch.from_numpy(pg).to(device)
-    for name, scorer_cls in kinds:
-        scorer = scorer_cls(xq, xg, device)
+    for name in kinds:
+        if name == "float":
+            scorer = FloatScorer(xq, xg, device, low_precision=None if float_tiles == "auto" else float_tiles)
+        else:
+            scorer = BinaryScorer(xq, xg, device)
         scores = scorer.exact_scores(pq_t, pg_t).cpu().numpy()
-        if name == "float" and scorer.low_precision != "fp64" and _crowded(xq, xg, pq, scores, max(ks), seed):
+        if (name == "float" and float_tiles == "auto" and scorer.low_precision != "fp64"
+                and _crowded(xq, xg, pq, scores, max(ks), seed)):
             scorer = FloatScorer(xq, xg, device, low_precision="fp64")
         pos = Positives.build(pq, pg, scores, nq, device)
         before, active = rank_positives(scorer, pos, max(ks), symmetric=symmetric, block_size=block_size)
@@ -278,7 +291,7 @@ def _crowded(xq: torch.Tensor, xg: torch.Tensor | None, pq: np.ndarray, scores: 
     crowding = 0
     size = similar.shape[1]
     for row, query in enumerate(sample):
-        positive_scores = torch.from_numpy(scores[pq == query])
+        positive_scores = cosine_from_score(torch.from_numpy(scores[pq == query]))
         low = torch.searchsorted(similar[row], positive_scores - _CROWDING_BAND)
         high = torch.searchsorted(similar[row], positive_scores + _CROWDING_BAND, right=True)
         tracked = (size - high) < max(max_k, len(positive_scores))

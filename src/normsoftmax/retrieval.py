@@ -66,13 +66,28 @@ Exactness
     surely above a threshold, surely below it, or *ambiguous*; ambiguous
     candidates (a thin band around each threshold) are stored and, at the end,
     re-scored exactly in float64 and compared by key, but only for thresholds
-    that are still needed. Exact scores are (x . y) / (|x| |y|) in float64 with
-    one fixed arithmetic for every pair (fixed-shape chunks), so identical
-    vectors always tie exactly and ties go to the lower gallery index. A float64
-    reference that evaluates cosines with other rounding can only disagree on
-    pairs whose scores differ by a few float64 ulps (~1e-16). On CUDA the
-    float32 matmul precision is held at "high" (TF32) during tile products:
-    TF32 is exact on the TF32-grid inputs, bfloat16 ("medium") would not be.
+    that are still needed.
+
+Ties (float)
+    A tie is an exact tie of cosines. The exact score of a pair is the signed
+    squared cosine d |d| / (|q|^2 |g|^2) in float64 (``FloatScorer.exact_scores``):
+    the dot product d and the squared norms are float64 sums of products, then
+    one multiplication and one division, each correctly rounded -- no square
+    root, because torch's float64 sqrt on the CPU goes through MKL's vector
+    math, whose last bit differs between instruction sets (AVX-512 and AVX2
+    machines ranked (1,1,0)-like ties differently). Where those sums are exact
+    (integer-valued embeddings and any others whose products and sums need no
+    rounding) the scores are exact rationals correctly rounded, so equal cosines
+    always tie bit for bit (ties go to the lower gallery index) and unequal ones
+    keep their order unless they differ by less than a float64 ulp (impossible
+    for small integers), on every CPU. Otherwise the float64 sums carry rounding
+    (their order may depend on the CPU's vector width), which can only reorder
+    pairs whose cosines differ by a few float64 ulps (~1e-16). The test suite
+    holds the evaluator to an exact rational reference.
+
+    On CUDA the float32 matmul precision is held at "high" (TF32) during tile
+    products: TF32 is exact on the TF32-grid inputs, bfloat16 ("medium") would
+    not be.
 
 Memory and speed
     Working memory is O(block_size**2) for a tile plus O(queries x max R) for
@@ -99,6 +114,7 @@ __all__ = [
     "Positives",
     "build_positive_pairs",
     "FloatScorer",
+    "cosine_from_score",
     "BinaryScorer",
     "rank_positives",
     "metrics_from_ranks",
@@ -167,7 +183,8 @@ class Positives:
     """Positives of every query, best-ranked first, padded to ``max_r`` columns.
 
     ``count[q]`` = R of query q; ``index[q, m]`` / ``score[q, m]`` = gallery index
-    and exact score of its m-th ranked positive (``-1`` / minimum value as padding).
+    and exact score (the scorer's ``exact_scores``) of its m-th ranked positive
+    (``-1`` / minimum value as padding).
     """
 
     count: torch.Tensor  # (nq,) int64
@@ -238,6 +255,11 @@ def _round_to_tf32_grid(x: torch.Tensor) -> torch.Tensor:
     return bits.view(torch.float32)
 
 
+def cosine_from_score(score: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity from a float exact score, to within a few float64 ulps (thresholds, not ranking)."""
+    return score.sign() * score.abs().sqrt()
+
+
 class FloatScorer:
     """Cosine similarity: low-precision tiles, exact float64 re-scoring."""
 
@@ -267,24 +289,26 @@ class FloatScorer:
         self.dim = int(xq.shape[1])
         self.xq = xq
         self.xg = xq if xg is None else xg
-        self.q_codes, self.q_norm, self.q_eps = self._prepare(xq)
+        self.q_codes, self.q_squared, self.q_eps = self._prepare(xq)
         if xg is None:
-            self.g_codes, self.g_norm, self.g_eps = self.q_codes, self.q_norm, self.q_eps
+            self.g_codes, self.g_squared, self.g_eps = self.q_codes, self.q_squared, self.q_eps
         else:
-            self.g_codes, self.g_norm, self.g_eps = self._prepare(xg)
+            self.g_codes, self.g_squared, self.g_eps = self._prepare(xg)
         self.masked_value = float("-inf")
         self.inactive_floor = torch.tensor(float("inf"), dtype=self.tile_dtype, device=device)
 
     def _prepare(self, x: torch.Tensor):
         n = x.shape[0]
         codes = torch.empty((n, self.dim), dtype=self.tile_dtype, device=self.device)
-        norms = torch.empty(n, dtype=torch.float64, device=self.device)
+        squared_norms = torch.empty(n, dtype=torch.float64, device=self.device)
         eps = torch.empty(n, dtype=torch.float64, device=self.device)
         step = 4096
         for s in range(0, n, step):
             x64 = x[s : s + step].to(torch.float64)
-            nrm = (x64 * x64).sum(1).sqrt_().clamp_min_(1e-150)
-            unit = x64 / nrm[:, None]
+            squared = (x64 * x64).sum(1)
+            # torch's float64 sqrt is not correctly rounded on every CPU (MKL's vector math differs by ISA);
+            # the unit vectors only feed the low-precision tiles, whose error bound absorbs a few ulps.
+            unit = x64 / squared.sqrt().clamp_min_(1e-150)[:, None]
             low = unit.to(torch.float32)
             if self.low_precision == "bf16":
                 low = low.to(torch.bfloat16)
@@ -294,8 +318,8 @@ class FloatScorer:
                 low = _round_to_tf32_grid(low)
             codes[s : s + step] = low
             eps[s : s + step] = (unit - low.to(torch.float64)).norm(dim=1)
-            norms[s : s + step] = nrm
-        return codes, norms, eps
+            squared_norms[s : s + step] = squared
+        return codes, squared_norms, eps
 
     def tile(self, qs: slice, gs: slice) -> torch.Tensor:
         if self.device.type != "cuda":
@@ -309,12 +333,16 @@ class FloatScorer:
             torch.set_float32_matmul_precision(previous)
 
     def exact_scores(self, qi: torch.Tensor, gi: torch.Tensor) -> torch.Tensor:
-        """float64 cosine similarity of the given pairs.
+        """The exact ranking score of the given pairs: the signed squared cosine ``d |d| / (|q|^2 |g|^2)``.
 
-        Pairs are processed in chunks of exactly ``_RESCORE_ROWS`` rows (the last one
-        padded), so every pair goes through the same arithmetic whatever the batch:
-        identical vectors always get bitwise identical scores, which keeps exact ties
-        exact (e.g. a negative that duplicates a positive).
+        ``d`` and the squared norms are float64 sums of products, and the score takes one float64
+        multiplication and one division, each correctly rounded: no square root, whose float64 result
+        differs between CPUs (MKL's vector math). The score is monotone in the cosine, so it ranks exactly
+        as the cosine does; where the sums are exact (integer-valued embeddings, e.g.), mathematically equal
+        cosines get bitwise equal scores ((1, 1, 0) and (2, 2, 0) tie) and different ones are never
+        swapped, on every CPU. Pairs are processed in chunks of exactly ``_RESCORE_ROWS`` rows (the last
+        one padded), so every pair goes through the same arithmetic whatever the batch: identical vectors
+        always get bitwise identical scores (e.g. a negative that duplicates a positive).
         """
         with _num_threads(1 if self.device.type == "cpu" else torch.get_num_threads()):
             return self._exact_scores(qi, gi)
@@ -338,7 +366,9 @@ class FloatScorer:
             a.copy_(a_in)
             b.copy_(b_in)
             dots = a.mul_(b).sum(1)
-            out[s : s + k] = dots[:k] / (self.q_norm[q[:k]] * self.g_norm[g[:k]])
+            denominator = self.q_squared[q] * self.g_squared[g]
+            score = torch.where(denominator > 0, dots * dots.abs() / denominator, 0.0)
+            out[s : s + k] = score[:k]
         return out
 
     def set_positives(self, pos: Positives) -> None:
@@ -347,7 +377,7 @@ class FloatScorer:
         eps_q = self.q_eps
         acc = 2.0 * self.dim * self._unit_roundoff * (1 + eps_q) * (1 + eps_g)
         delta = (eps_q + eps_g + 3 * eps_q * eps_g + acc + 1e-9)[:, None]  # (nq, 1)
-        t = pos.score  # (nq, R) float64, -inf padding
+        t = cosine_from_score(pos.score)  # (nq, R) float64, -inf padding
         rho = self._rho
         up = t + delta
         up = torch.where(up >= 0, up / (1 - rho), up / (1 + rho)) + 1e-6
