@@ -1,7 +1,12 @@
 import os
+import tarfile
+import zipfile
+from pathlib import Path
 
 import pytest
 import torch
+from archive_server import ArchiveServer
+from fixtures import write_cars196, write_cub200, write_inshop, write_sop
 
 # Two cores: keep each test process to one intra-op thread so xdist workers don't oversubscribe.
 torch.set_num_threads(int(os.environ.get("NORMSOFTMAX_TEST_THREADS", "1")))
@@ -18,3 +23,61 @@ def cli(capsys):
         return code, captured.out, captured.err
 
     return run
+
+
+@pytest.fixture
+def replace_dataset_spec(monkeypatch):
+    """``replace(name, **fields)``: the registered dataset ``name`` with some spec fields changed, for one test."""
+    import dataclasses
+
+    from normsoftmax.data import registry
+
+    def replace(name: str, **changes):
+        spec = registry.dataset_spec(name)
+        monkeypatch.setitem(registry._REGISTRY, spec.name, dataclasses.replace(spec, **changes))
+
+    return replace
+
+
+@pytest.fixture
+def server():
+    instance = ArchiveServer()
+    yield instance
+    instance.close()
+
+
+def _tar_folder(archive: Path, base: Path, names: list[str]) -> Path:
+    with tarfile.open(archive, "w:gz") as tar:
+        for name in names:
+            tar.add(base / name, arcname=name)
+    return archive
+
+
+def _zip_folder(archive: Path, base: Path, folder: str) -> Path:
+    with zipfile.ZipFile(archive, "w") as out:
+        for path in sorted((base / folder).rglob("*")):
+            out.write(path, path.relative_to(base).as_posix())
+    return archive
+
+
+@pytest.fixture(scope="session")
+def archives(tmp_path_factory) -> dict[str, Path]:
+    """The official file names and layouts: CUB_200_2011.tgz, car_ims.tgz + cars_annos.mat,
+    Stanford_Online_Products.zip, img.zip + list_eval_partition.txt."""
+    source = tmp_path_factory.mktemp("sources")
+    out = tmp_path_factory.mktemp("archives")
+    write_cub200(source / "cub")
+    write_cars196(source / "cars")
+    write_sop(source / "sop")
+    write_inshop(source / "inshop")
+    files = {
+        "cub": _tar_folder(out / "CUB_200_2011.tgz", source / "cub", ["CUB_200_2011", "attributes.txt"]),
+        "cars_images": _tar_folder(out / "car_ims.tgz", source / "cars", ["car_ims"]),
+        "cars_annos": out / "cars_annos.mat",
+        "sop": _zip_folder(out / "Stanford_Online_Products.zip", source / "sop", "Stanford_Online_Products"),
+        "inshop_images": _zip_folder(out / "img.zip", source / "inshop", "img"),
+        "inshop_list": out / "list_eval_partition.txt",
+    }
+    files["cars_annos"].write_bytes((source / "cars" / "cars_annos.mat").read_bytes())
+    files["inshop_list"].write_bytes((source / "inshop" / "Eval" / "list_eval_partition.txt").read_bytes())
+    return files

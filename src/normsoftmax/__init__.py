@@ -1,8 +1,9 @@
 """normsoftmax: image embeddings by classification (Zhai & Wu, "Classification is a Strong Baseline for Deep
 Metric Learning", BMVC 2019), from dataset archive to evaluation.
 
-The public API; the ``normsoftmax`` command line calls exactly these. Names load on first use, so
-``import normsoftmax`` stays cheap for the command line.
+The public API, one style: functions are verb_object (``load_dataset``, ``train_embedder``,
+``embed_images``, ...) and every command takes its config dataclass. The ``normsoftmax`` command line
+calls exactly these. Names load on first use, so ``import normsoftmax`` stays cheap for the command line.
 """
 
 from importlib import import_module
@@ -10,16 +11,24 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "NormSoftmaxLoss": "loss",
-    "ClassBalancedBatchSampler": "data.sampler",
-    "create_embedder": "model", "Embedder": "model", "register_backbone": "model",
-    "evaluate_embeddings": "evaluate",
-    "load_dataset": "data.benchmarks",
+    # reading data
+    "load_dataset": "data.registry", "register_dataset": "data.registry", "DatasetSpec": "data.registry",
     "DatasetRecords": "data.records", "ImageSet": "data.records", "DatasetError": "data.records",
-    "TrainConfig": "config", "EvaluateConfig": "config", "DemoConfig": "config",
-    "train": "training",
-    "run_evaluation": "evaluate_command",
+    "ClassBalancedBatchSampler": "data.sampler",
+    # preparing data
+    "prepare_dataset": "prepare", "check_prepared": "prepare",
+    # model and loss
+    "create_embedder": "model", "register_backbone": "model", "Embedder": "model",
+    "NormSoftmaxLoss": "loss",
+    # training
+    "train_embedder": "training", "load_embedder": "training", "load_checkpoint": "training",
+    # embeddings and evaluation
+    "embed_images": "embedding", "save_embeddings_npz": "embedding", "load_embeddings_npz": "embedding",
+    "evaluate_embeddings": "evaluation", "evaluate_checkpoint": "evaluation",
+    # the demo
     "run_demo": "demo",
+    # configs
+    "TrainConfig": "config", "EvaluateConfig": "config", "DemoConfig": "config", "PrepareConfig": "config",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,229 +1,157 @@
-"""Command line: parses arguments into a command's config dataclass and calls the Python API. Nothing else."""
+"""Command line: each command's parser is derived from its config dataclass; the flags a user gives become
+that config (:func:`normsoftmax.config.build_config`) and go to one Python API call. Nothing else."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import typing
 
-from .data.download import DownloadError
-from .data.extract import ExtractionError
-from .data.prepare import PrepareError
-from .data.records import DatasetError
+from .config import (
+    DemoConfig,
+    EvaluateConfig,
+    PrepareConfig,
+    TrainConfig,
+    build_config,
+    field_choices,
+)
 
 
-def _flag(parser, name: str, **kwargs):
-    """Accept the reference script's underscore spelling and the dashed one."""
-    names = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-    parser.add_argument(*names, dest=name, default=None, **kwargs)
-
-
-def _ks(text: str) -> list[int]:
+def _int_list(text: str) -> list[int]:
     try:
-        ks = [int(part) for part in text.split(",") if part.strip()]
+        values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not ks or min(ks) < 1:
+    if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"K values must be positive integers, got {text!r}")
-    return ks
+    return values
 
 
-def _add_train(subparsers) -> None:
-    parser = subparsers.add_parser("train", help="train an embedder (the reference script's flags)",
-                                   description="Train with normalized softmax. Flags given explicitly override --recipe.")
-    _flag(parser, "recipe", choices=["cub200", "cars196", "sop", "inshop"], help="the paper's hyperparameters for a benchmark")
-    _flag(parser, "dataset", help="Cub200, Cars196, StanfordOnlineProducts, InShop, folder or csv")
-    _flag(parser, "dataset_root", help="dataset folder (or CSV file for --dataset csv)")
-    _flag(parser, "dim", type=int)
-    _flag(parser, "model_name", help="resnet18, resnet50, resnet101, or a timm model name")
-    _flag(parser, "weights", help="imagenet, none, or a state-dict file")
-    _flag(parser, "epochs_per_step", type=int)
-    _flag(parser, "num_steps", type=int)
-    _flag(parser, "pretrain_epochs", type=int)
-    _flag(parser, "test_every_n_epochs", type=int)
-    _flag(parser, "lr", type=float)
-    _flag(parser, "lr_mult", type=float)
-    _flag(parser, "gamma", type=float)
-    _flag(parser, "class_balancing", action=argparse.BooleanOptionalAction)
-    _flag(parser, "images_per_class", type=int)
-    _flag(parser, "batch_size", type=int)
-    _flag(parser, "output", help="runs go to OUTPUT/<dataset>/<dim>/<model>_<batch> (default runs)")
-    _flag(parser, "run_dir", help="an explicit run directory instead")
-    _flag(parser, "device", help="auto, cpu, cuda, cuda:1, ...")
-    _flag(parser, "workers", type=int, help="data-loading processes (default: one per core, at most 8)")
-    _flag(parser, "seed", type=int)
-    _flag(parser, "temperature", type=float)
-    _flag(parser, "class_sample_fraction", type=float, help="score the batch's classes plus this fraction of the others")
-    _flag(parser, "optimizer", choices=["sgd", "adamw"])
-    _flag(parser, "scheduler", choices=["step", "cosine"])
-    _flag(parser, "weight_decay", type=float)
-    _flag(parser, "resize", type=int)
-    _flag(parser, "crop", type=int)
-    _flag(parser, "hflip", action=argparse.BooleanOptionalAction)
-    _flag(parser, "keep_aspect", action=argparse.BooleanOptionalAction, help="resize the shorter side instead of to a square")
-    _flag(parser, "amp", choices=["none", "bf16", "fp16"])
-    _flag(parser, "channels_last", action=argparse.BooleanOptionalAction)
-    _flag(parser, "eval_batch_size", type=int)
-    _flag(parser, "ks", type=_ks, help="Recall@K cut-offs, e.g. 1,2,4,8")
-    _flag(parser, "nmi", action=argparse.BooleanOptionalAction)
-    _flag(parser, "verify_images", action=argparse.BooleanOptionalAction)
-    _flag(parser, "use_cache", action=argparse.BooleanOptionalAction)
-    _flag(parser, "resume", help="a checkpoint file or a run directory to continue")
-    _flag(parser, "max_steps_per_epoch", type=int)
-    _flag(parser, "keep_checkpoints", type=int)
-    _flag(parser, "progress", action=argparse.BooleanOptionalAction)
-    parser.set_defaults(handler=_run_train)
+def _argument(config_field: dataclasses.Field, hint) -> tuple[list[str], dict]:
+    """argparse's names and keywords for one config field."""
+    meta = config_field.metadata
+    name = config_field.name
+    kinds = set(typing.get_args(hint)) - {type(None)} or {hint}
+    kwargs: dict = {"help": meta.get("help") or None, "default": None}
+    if meta.get("positional"):
+        names = [name]
+        kwargs.pop("default") if meta.get("nargs") is None else None
+    else:
+        names = list(meta.get("flags") or [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else []))
+        kwargs["dest"] = name
+    if "type" in meta:
+        kwargs["type"] = meta["type"]
+    elif bool in kinds and "action" not in meta:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif any(typing.get_origin(kind) is list for kind in kinds):
+        element = typing.get_args(next(kind for kind in kinds if typing.get_origin(kind) is list))[0]
+        if element is int:
+            kwargs["type"] = _int_list
+    else:
+        kwargs["type"] = next(iter(kinds))
+    for key in ("nargs", "const", "action", "metavar"):
+        if key in meta:
+            kwargs[key] = meta[key]
+    choices = field_choices(config_field)
+    if choices:
+        kwargs["choices"] = choices
+    if kwargs.get("action") == "store_true":
+        kwargs.pop("type", None)
+    return names, kwargs
 
 
-def _run_train(args) -> int:
-    from .config import TrainConfig, apply_recipe
-    from .training import train
+def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """One argument per field of ``cls`` that the command line should set."""
+    hints = typing.get_type_hints(cls)
+    for config_field in dataclasses.fields(cls):
+        if config_field.metadata.get("cli", True) is False:
+            continue
+        names, kwargs = _argument(config_field, hints[config_field.name])
+        parser.add_argument(*names, **kwargs)
 
-    explicit = {key: value for key, value in vars(args).items() if key not in ("handler", "command") and value is not None}
-    config = apply_recipe(TrainConfig(), explicit)
-    summary = train(config)
+
+def explicit_values(args: argparse.Namespace, cls) -> dict:
+    """The fields of ``cls`` the user actually gave (argparse leaves the others at None)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {key: value for key, value in vars(args).items() if key in names and value is not None}
+
+
+# ------------------------------------------------------------------------------------------------ commands
+def _train(config: TrainConfig) -> int:
+    from .training import train_embedder
+
+    summary = train_embedder(config)
     if summary["is_main"]:
         print(f"run directory: {summary['run_dir']}")
     return 0
 
 
-def _add_evaluate(subparsers) -> None:
-    parser = subparsers.add_parser("evaluate", help="Recall@K, MAP@R, R-precision, NMI from a checkpoint or saved embeddings")
-    parser.add_argument("checkpoint", nargs="?", help="a checkpoint file or run directory")
-    _flag(parser, "embeddings", help="an .npz of embeddings to evaluate instead of a checkpoint")
-    _flag(parser, "dataset", help="default: the dataset the checkpoint was trained on")
-    _flag(parser, "dataset_root")
-    parser.add_argument("--k", "--ks", dest="ks", type=_ks, default=None, help="Recall@K cut-offs, e.g. 1,2,4,8")
-    _flag(parser, "batch_size", type=int)
-    _flag(parser, "device")
-    _flag(parser, "workers", type=int)
-    _flag(parser, "amp", choices=["none", "bf16", "fp16"])
-    _flag(parser, "binary", action=argparse.BooleanOptionalAction)
-    _flag(parser, "nmi", action=argparse.BooleanOptionalAction)
-    _flag(parser, "save_embeddings", help="write the embeddings to this .npz")
-    parser.add_argument("--output", dest="output_json", default=None, help="write the evaluation object to this JSON file")
-    parser.add_argument("--json", dest="print_json", action="store_true", default=None, help="print the evaluation object as JSON")
-    _flag(parser, "use_cache", action=argparse.BooleanOptionalAction)
-    _flag(parser, "progress", action=argparse.BooleanOptionalAction)
-    parser.set_defaults(handler=_run_evaluate)
+def _evaluate(config: EvaluateConfig) -> int:
+    from .evaluation import evaluate_checkpoint, recall_report
 
-
-def _run_evaluate(args) -> int:
-    import dataclasses
-
-    from .config import EvaluateConfig
-    from .evaluate_command import run_evaluation
-
-    explicit = {key: value for key, value in vars(args).items() if key not in ("handler", "command") and value is not None}
-    config = dataclasses.replace(EvaluateConfig(), **explicit)
-    result, text = run_evaluation(config)
-    if config.print_json:
-        print(json.dumps(result, indent=2))
-    else:
-        print("\n".join(text))
+    result = evaluate_checkpoint(config)
+    print(json.dumps(result, indent=2) if config.print_json else "\n".join(recall_report(result)))
     return 0
 
 
-def _add_demo(subparsers) -> None:
-    from .config import DemoConfig
-
-    defaults = DemoConfig()
-    parser = subparsers.add_parser("demo", help="train on generated glyph images and compare with raw pixels and an untrained net")
-    parser.add_argument("--output", default=defaults.output, help=f"output folder (default {defaults.output})")
-    parser.add_argument("--num-classes", "--num_classes", dest="num_classes", type=int, default=defaults.num_classes)
-    parser.add_argument("--images-per-class", "--images_per_class", dest="images_per_class", type=int, default=defaults.images_per_class)
-    parser.add_argument("--image-size", "--image_size", dest="image_size", type=int, default=defaults.image_size)
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--workers", type=int, default=defaults.workers)
-    parser.add_argument("--device", default=defaults.device)
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
-    parser.set_defaults(handler=_run_demo)
-
-
-def _run_demo(args) -> int:
-    from .config import DemoConfig
+def _demo(config: DemoConfig) -> int:
     from .demo import run_demo
 
-    config = DemoConfig(output=args.output, num_classes=args.num_classes, images_per_class=args.images_per_class,
-                        image_size=args.image_size, epochs=args.epochs, seed=args.seed, workers=args.workers,
-                        device=args.device, progress=args.progress)
     run_demo(config)
     return 0
 
 
-def _add_prepare(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "prepare", help="download, verify, extract and check a benchmark dataset (safe to re-run and to interrupt)",
-        description="Prepare a benchmark under --root, or re-verify a prepared copy with --check DIR.")
-    parser.add_argument("dataset", nargs="?", help="cub200, cars196, sop or inshop")
-    parser.add_argument("--root", help="where archives, data and manifest.json go (default data/<dataset>)")
-    parser.add_argument("--url", dest="urls", action="append", default=[], help="download from here instead (repeatable)")
-    parser.add_argument("--from-archive", "--from_archive", dest="from_archives", nargs="+", action="extend", default=[],
-                        help="archives/files downloaded by hand")
-    parser.add_argument("--sha256", action="append", default=[], help="expected SHA-256: HEX, or FILENAME=HEX (repeatable)")
-    parser.add_argument("--check", nargs="?", const="", default=None, metavar="DIR",
-                        help="re-verify every image and the counts (of DIR, or of the prepared --root)")
-    parser.add_argument("--cache", action="store_true", help="also write the pre-resized uint8 image cache")
-    parser.add_argument("--cache-keep-aspect", "--cache_keep_aspect", dest="cache_keep_aspect", action="store_true",
-                        help="cache with the shorter side at --cache-size instead of a square")
-    parser.add_argument("--cache-size", "--cache_size", dest="cache_size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=None)
-    parser.add_argument("--retries", type=int, default=5)
-    parser.add_argument("--timeout", type=float, default=60.0)
-    parser.add_argument("--keep-archives", "--keep_archives", dest="keep_archives", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
-    parser.set_defaults(handler=_run_prepare)
+def _prepare(config: PrepareConfig) -> int:
+    from .prepare import prepare_dataset
 
-
-def _run_prepare(args) -> int:
-    from .config import DEFAULT_DATASET_ROOTS
-    from .data.benchmarks import canonical_dataset_name
-    from .data.prepare import PrepareConfig, check_prepared, prepare_dataset
-
-    if args.dataset is None:
-        if not args.check:
-            raise ValueError("name a dataset (cub200, cars196, sop, inshop), or use --check DIR")
-        report = check_prepared(args.check, workers=args.workers, progress=args.progress)
-    else:
-        root = args.root or DEFAULT_DATASET_ROOTS.get(canonical_dataset_name(args.dataset))
-        if args.check:
-            report = check_prepared(args.check, dataset=args.dataset, workers=args.workers, progress=args.progress)
-        else:
-            config = PrepareConfig(dataset=args.dataset, root=root, urls=args.urls, from_archives=args.from_archives,
-                                   sha256=args.sha256, check=args.check is not None, cache=args.cache,
-                                   cache_keep_aspect=args.cache_keep_aspect, cache_size=args.cache_size,
-                                   workers=args.workers, retries=args.retries, timeout=args.timeout,
-                                   keep_archives=args.keep_archives, progress=args.progress)
-            report = prepare_dataset(config)
+    report = prepare_dataset(config)
     for warning in report.get("warnings", []):
         print(f"warning: {warning}", file=sys.stderr)
     for error in report.get("errors", []):
         print(f"error: {error}", file=sys.stderr)
-    counts = ", ".join(f"{split} {c['images']} images / {c['classes']} classes" for split, c in (report.get("counts") or {}).items())
+    counts = ", ".join(f"{split} {c['images']} images / {c['classes']} classes"
+                       for split, c in (report.get("counts") or {}).items())
     print(f"{report.get('dataset')}: {'OK' if report.get('ok') else 'FAILED'} ({counts})")
     print(f"--dataset_root {report.get('dataset_root')}")
     return 0 if report.get("ok") else 1
 
 
+# name: (config class, runner, help, description)
+COMMANDS = {
+    "train": (TrainConfig, _train, "train an embedder (the reference script's flags)",
+              "Train with normalized softmax. Flags given explicitly override --recipe."),
+    "evaluate": (EvaluateConfig, _evaluate, "Recall@K, MAP@R, R-precision, NMI from a checkpoint or saved embeddings",
+                 None),
+    "demo": (DemoConfig, _demo, "train on generated glyph images and compare with raw pixels and an untrained net",
+             None),
+    "prepare": (PrepareConfig, _prepare,
+                "download, verify, extract and check a benchmark dataset (safe to re-run and to interrupt)",
+                "Prepare a benchmark under --root, or re-verify a prepared copy with --check DIR."),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="normsoftmax", description="Image embeddings by classification (normalized softmax).")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _add_train(subparsers)
-    _add_evaluate(subparsers)
-    _add_demo(subparsers)
-    _add_prepare(subparsers)
+    for name, (cls, _, help_text, description) in COMMANDS.items():
+        add_config_arguments(subparsers.add_parser(name, help=help_text, description=description or help_text), cls)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .data.records import DatasetError
+    from .prepare import DownloadError, ExtractionError, PrepareError
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not getattr(args, "handler", None):
+    if not args.command:
         parser.print_help()
         return 2
+    cls, runner, _, _ = COMMANDS[args.command]
     try:
-        return args.handler(args)
+        return runner(build_config(cls, explicit_values(args, cls)))
     except (DatasetError, ValueError, FileNotFoundError, PrepareError, DownloadError, ExtractionError) as error:
         # Bad input is the user's to fix: one clear message, no stack trace.
         print(f"normsoftmax {args.command}: error: {error}", file=sys.stderr)

@@ -1,10 +1,10 @@
 """One dataclass per command, and the paper's recipes as data.
 
-The field names and defaults of :class:`TrainConfig` are the reference
-script's (``metric_learning/train_classification.py``), so its command lines
-mean the same here; the recipes hold the hyperparameters of the paper's
-reproduction commands. A config is written to the run directory before
-anything else happens.
+Each field carries its command-line help (and allowed values) in its metadata; :mod:`normsoftmax.cli`
+builds every command's parser from these dataclasses, and :func:`build_config` turns the flags a user
+gave into a config the one same way for every command. The field names and defaults of
+:class:`TrainConfig` are the reference script's (``metric_learning/train_classification.py``), so its
+command lines mean the same here. A run writes its resolved config to its directory before anything else.
 """
 
 from __future__ import annotations
@@ -15,85 +15,139 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-# The reference README's reproduction commands (ResNet50, dim 2048, batch 75, 15 epochs per step, 2 steps).
-RECIPES: dict[str, dict] = {
-    "cub200": dict(dataset="Cub200", lr=0.001, images_per_class=25),
-    "cars196": dict(dataset="Cars196", lr=0.01, images_per_class=25),
-    "sop": dict(dataset="StanfordOnlineProducts", lr=0.01, images_per_class=5),
-    "inshop": dict(dataset="InShop", lr=0.01, images_per_class=5),
-}
-for _recipe in RECIPES.values():
-    _recipe.update(dim=2048, model_name="resnet50", epochs_per_step=15, num_steps=2, test_every_n_epochs=5,
-                   lr_mult=1.0, class_balancing=True, batch_size=75)
+from .files import atomic_write
 
-# Recall@K cut-offs reported per dataset (the reference code's table columns).
-RECALL_KS = {"cub200": [1, 2, 4, 8], "cars196": [1, 2, 4, 8], "sop": [1, 10, 100, 1000],
-             "inshop": [1, 10, 20, 30, 40, 50], "folder": [1, 2, 4, 8], "csv": [1, 2, 4, 8]}
 
-# Where `normsoftmax prepare` puts each dataset by default, so the README's commands need no --dataset_root.
-DEFAULT_DATASET_ROOTS = {"cub200": "data/cub200", "cars196": "data/cars196", "sop": "data/sop", "inshop": "data/inshop"}
+def option(default=None, help: str = "", *, choices=None, default_factory=None, **cli) -> dataclasses.Field:
+    """A config field with its command-line help; ``cli`` holds argparse overrides (``flags``, ``nargs``,
+    ``const``, ``action``, ``type``, ``metavar``, ``positional``) or ``cli=False`` for API-only fields."""
+    metadata = {"help": help, "choices": choices, **cli}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def field_choices(config_field: dataclasses.Field) -> list | None:
+    choices = config_field.metadata.get("choices")
+    return list(choices()) if callable(choices) else choices
+
+
+def check_choices(config) -> None:
+    """Refuse a value outside a field's allowed values, naming the field and the choices."""
+    for config_field in fields(config):
+        choices = field_choices(config_field)
+        value = getattr(config, config_field.name)
+        if choices and value is not None and value not in choices:
+            raise ValueError(f"{config_field.name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+
+
+def _recipe_names() -> list[str]:
+    from .data.registry import registered_datasets
+
+    return [spec.name for spec in registered_datasets() if spec.recipe]
+
+
+def _dataset_names() -> list[str]:
+    from .data.registry import registered_datasets
+
+    return [spec.reference_name for spec in registered_datasets()]
+
+
+# The reference README's reproduction commands share these (ResNet50, dim 2048, batch 75, 15 epochs per step,
+# 2 steps); each benchmark's spec adds its lr and images_per_class.
+COMMON_RECIPE = dict(dim=2048, model_name="resnet50", epochs_per_step=15, num_steps=2, test_every_n_epochs=5,
+                     lr_mult=1.0, class_balancing=True, batch_size=75)
+
+
+def recipe(name: str) -> dict:
+    """The hyperparameters of the paper's reproduction command for benchmark ``name``."""
+    from .data.registry import dataset_spec
+
+    spec = dataset_spec(name)
+    if not spec.recipe:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(_recipe_names())}")
+    return {"dataset": spec.reference_name, **COMMON_RECIPE, **spec.recipe}
+
+
+def recall_ks(dataset: str) -> list[int]:
+    """The Recall@K cut-offs reported for ``dataset`` (the reference code's table columns)."""
+    from .data.registry import dataset_spec
+
+    return list(dataset_spec(dataset).recall_ks)
+
+
+def default_dataset_root(dataset: str) -> str:
+    """Where ``normsoftmax prepare`` puts ``dataset`` by default; datasets it does not prepare need a root."""
+    from .data.registry import dataset_spec
+
+    spec = dataset_spec(dataset)
+    if spec.default_root is None:
+        raise ValueError(f"--dataset {dataset} needs --dataset_root")
+    return spec.default_root
 
 
 @dataclass
 class TrainConfig:
     # --- the reference script's flags, same names and defaults ---
-    dataset: str = "StanfordOnlineProducts"
-    dataset_root: str | None = None
-    batch_size: int = 64
-    model_name: str = "resnet50"
-    lr: float = 0.01
-    gamma: float = 0.1
-    class_balancing: bool = False
-    images_per_class: int = 5
-    lr_mult: float = 1.0
-    dim: int = 2048
-    test_every_n_epochs: int = 2
-    epochs_per_step: int = 4
-    pretrain_epochs: int = 1
-    num_steps: int = 3
-    output: str = "runs"
+    dataset: str = option("StanfordOnlineProducts", "Cub200, Cars196, StanfordOnlineProducts, InShop, folder or csv")
+    dataset_root: str | None = option(None, "dataset folder (or CSV file for --dataset csv); default data/<name>")
+    batch_size: int = option(64)
+    model_name: str = option("resnet50", "resnet18, resnet50, resnet101, or a timm model name")
+    lr: float = option(0.01)
+    gamma: float = option(0.1, "lr factor at each step")
+    class_balancing: bool = option(False, "class-balanced batches")
+    images_per_class: int = option(5)
+    lr_mult: float = option(1.0, "lr multiplier of the warm-up epochs (new parameters only)")
+    dim: int = option(2048, "embedding dimension")
+    test_every_n_epochs: int = option(2)
+    epochs_per_step: int = option(4)
+    pretrain_epochs: int = option(1, "warm-up epochs training only the new parameters")
+    num_steps: int = option(3)
+    output: str = option("runs", "runs go to OUTPUT/<dataset>/<dim>/<model>_<batch>")
     # --- additions ---
-    recipe: str | None = None
-    weights: str = "imagenet"
-    device: str = "auto"
-    workers: int = -1  # -1: one per CPU core, at most 8
-    seed: int = 0
-    temperature: float = 0.05
-    class_sample_fraction: float | None = None
-    optimizer: str = "sgd"  # "sgd" (the paper) or "adamw" (from-scratch training, e.g. the demo)
-    scheduler: str = "step"  # "step" (lr x gamma every epochs_per_step) or "cosine"
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    resize: int = 256
-    crop: int = 224
-    hflip: bool = True
-    keep_aspect: bool = False  # Resize(resize) on the shorter side instead of Resize((resize, resize))
-    amp: str = "none"  # "none", "bf16" or "fp16"
-    channels_last: bool = False
-    eval_batch_size: int = 0  # 0: same as batch_size
-    ks: list[int] | None = None  # None: the dataset's usual cut-offs
-    nmi: bool | None = None  # None: only when the evaluated set has at most 1,000 classes (k-means cost)
-    verify_images: bool = True
-    use_cache: bool = True
-    resume: str | None = None
-    run_dir: str | None = None  # None: output/<dataset>/<dim>/<model>_<batch>, as the reference script
-    max_steps_per_epoch: int = 0  # 0: a full epoch; a positive number cuts epochs short (smoke tests)
-    keep_checkpoints: int = 0  # 0: keep every epoch's checkpoint; N: only the newest N
-    progress: bool = True
+    recipe: str | None = option(None, "the paper's hyperparameters for a benchmark", choices=_recipe_names)
+    weights: str = option("imagenet", "imagenet, none, or a state-dict file")
+    device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
+    workers: int = option(-1, "data-loading processes (default -1: one per available core, at most 8)")
+    seed: int = option(0)
+    temperature: float = option(0.05)
+    class_sample_fraction: float | None = option(None, "score the batch's classes plus this fraction of the others")
+    optimizer: str = option("sgd", "sgd (the paper) or adamw (from-scratch training, e.g. the demo)",
+                            choices=("sgd", "adamw"))
+    scheduler: str = option("step", "step (lr x gamma every epochs_per_step) or cosine", choices=("step", "cosine"))
+    momentum: float = option(0.9)
+    weight_decay: float = option(1e-4)
+    resize: int = option(256)
+    crop: int = option(224)
+    hflip: bool = option(True, "random horizontal flips")
+    keep_aspect: bool = option(False, "resize the shorter side instead of to a square")
+    amp: str = option("none", "mixed precision", choices=("none", "bf16", "fp16"))
+    channels_last: bool = option(False)
+    eval_batch_size: int = option(0, "0: same as batch_size")
+    ks: list[int] | None = option(None, "Recall@K cut-offs, e.g. 1,2,4,8 (default: the dataset's)")
+    nmi: bool | None = option(None, "NMI (default: only when the evaluated set has at most 1,000 classes)")
+    verify_images: bool = option(True, "decode every image before training")
+    use_cache: bool = option(True, "use the dataset's pre-resized image cache when it matches")
+    resume: str | None = option(None, "a checkpoint file or a run directory to continue")
+    run_dir: str | None = option(None, "an explicit run directory instead of OUTPUT/<dataset>/<dim>/<model>_<batch>")
+    max_steps_per_epoch: int = option(0, "0: a full epoch; N cuts epochs short (smoke tests)")
+    keep_checkpoints: int = option(0, "0: keep every epoch's checkpoint; N: only the newest N")
+    progress: bool = option(True, "progress bars")
 
     @classmethod
-    def from_recipe(cls, recipe: str, **overrides) -> "TrainConfig":
+    def from_recipe(cls, recipe_name: str, **overrides) -> "TrainConfig":
         """A benchmark recipe's hyperparameters, with ``overrides`` on top (as ``--recipe`` plus flags)."""
-        return apply_recipe(cls(), {"recipe": recipe, **overrides})
+        return build_config(cls, {"recipe": recipe_name, **overrides})
 
     @property
     def total_epochs(self) -> int:
         return self.pretrain_epochs + self.epochs_per_step * self.num_steps
 
     def validate(self) -> None:
-        from .data.benchmarks import canonical_dataset_name
+        from .data.registry import dataset_spec
 
-        canonical_dataset_name(self.dataset)
+        dataset_spec(self.dataset)
+        check_choices(self)
         checks = [
             (self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}"),
             (self.images_per_class > 0, f"images_per_class must be positive, got {self.images_per_class}"),
@@ -101,9 +155,6 @@ class TrainConfig:
             (self.lr > 0, f"lr must be positive, got {self.lr}"),
             (self.epochs_per_step > 0 and self.num_steps >= 0 and self.pretrain_epochs >= 0, "epoch counts must not be negative"),
             (self.test_every_n_epochs > 0, f"test_every_n_epochs must be positive, got {self.test_every_n_epochs}"),
-            (self.optimizer in ("sgd", "adamw"), f"optimizer must be sgd or adamw, got {self.optimizer!r}"),
-            (self.scheduler in ("step", "cosine"), f"scheduler must be step or cosine, got {self.scheduler!r}"),
-            (self.amp in ("none", "bf16", "fp16"), f"amp must be none, bf16 or fp16, got {self.amp!r}"),
             (self.crop <= self.resize, f"crop ({self.crop}) must not exceed resize ({self.resize})"),
             (self.max_steps_per_epoch >= 0, f"max_steps_per_epoch must not be negative, got {self.max_steps_per_epoch}"),
             (self.keep_checkpoints >= 0, f"keep_checkpoints must not be negative, got {self.keep_checkpoints}"),
@@ -117,57 +168,86 @@ class TrainConfig:
 
 @dataclass
 class EvaluateConfig:
-    checkpoint: str | None = None
-    embeddings: str | None = None  # an .npz of embeddings: evaluate without a model
-    dataset: str | None = None  # None: the dataset the checkpoint was trained on
-    dataset_root: str | None = None
-    ks: list[int] | None = None
-    batch_size: int = 64
-    device: str = "auto"
-    workers: int = -1
-    amp: str = "none"
-    binary: bool = True
-    nmi: bool | None = None
-    save_embeddings: str | None = None
-    output_json: str | None = None
-    print_json: bool = False
-    use_cache: bool = True
-    progress: bool = True
+    checkpoint: str | None = option(None, "a checkpoint file or run directory", positional=True, nargs="?")
+    embeddings: str | None = option(None, "an .npz of embeddings to evaluate instead of a checkpoint")
+    dataset: str | None = option(None, "default: the dataset the checkpoint was trained on")
+    dataset_root: str | None = option(None)
+    ks: list[int] | None = option(None, "Recall@K cut-offs, e.g. 1,2,4,8", flags=("--k", "--ks"))
+    batch_size: int = option(64)
+    device: str = option("auto")
+    workers: int = option(-1)
+    amp: str = option("none", choices=("none", "bf16", "fp16"))
+    binary: bool = option(True, "also evaluate the sign bits under Hamming distance")
+    nmi: bool | None = option(None)
+    save_embeddings: str | None = option(None, "write the embeddings to this .npz")
+    output_json: str | None = option(None, "write the evaluation object to this JSON file", flags=("--output",))
+    print_json: bool = option(False, "print the evaluation object as JSON", flags=("--json",), action="store_true")
+    use_cache: bool = option(True)
+    progress: bool = option(True)
 
 
 @dataclass
 class DemoConfig:
-    output: str = "demo_output"
-    num_classes: int = 400
-    images_per_class: int = 24
-    image_size: int = 64
-    epochs: int = 8
-    seed: int = 0
-    workers: int = -1
-    device: str = "auto"
-    progress: bool = True
-    train_overrides: dict = field(default_factory=dict)
+    output: str = option("demo_output", "output folder")
+    num_classes: int = option(400)
+    images_per_class: int = option(24)
+    image_size: int = option(64)
+    epochs: int = option(8)
+    seed: int = option(0)
+    workers: int = option(-1)
+    device: str = option("auto")
+    progress: bool = option(True)
+    train_overrides: dict = option(help="TrainConfig fields to change in the demo's run", default_factory=dict,
+                                   cli=False)
 
 
-def apply_recipe(config: TrainConfig, explicit: dict) -> TrainConfig:
-    """Recipe values over the defaults, then the explicitly given values over both."""
+@dataclass
+class PrepareConfig:
+    """Everything ``normsoftmax prepare`` does."""
+
+    dataset: str | None = option(None, "cub200, cars196, sop or inshop (omit with --check DIR)", positional=True,
+                                 nargs="?")
+    root: str | None = option(None, "where archives, data and manifest.json go (default data/<dataset>)")
+    urls: list[str] = option(help="download from here instead (repeatable)", default_factory=list, flags=("--url",),
+                             action="append")
+    from_archives: list[str] = option(help="archives/files downloaded by hand", default_factory=list,
+                                      flags=("--from-archive", "--from_archive"), nargs="+", action="extend")
+    sha256: list[str] = option(help="expected SHA-256: HEX, or FILENAME=HEX (repeatable)", default_factory=list,
+                               action="append")
+    check: bool | str = option(False, "re-verify every image and the counts (of DIR, or of the prepared --root)",
+                               nargs="?", const=True, type=str, metavar="DIR")
+    cache: bool = option(False, "also write the pre-resized uint8 image cache")
+    cache_keep_aspect: bool = option(False, "cache with the shorter side at --cache-size instead of a square")
+    cache_size: int = option(256)
+    workers: int | None = option(None, "processes for verification and caching (default: all available cores)")
+    retries: int = option(5, "failed download attempts tolerated per file")
+    backoff: float = option(1.0, "first retry delay in seconds, doubled per failure (max 60 s)")
+    timeout: float = option(60.0, "seconds without data before a connection counts as failed")
+    keep_archives: bool = option(True, "keep downloaded archives once verified")
+    progress: bool = option(True)
+
+
+def build_config(cls, explicit: dict):
+    """``cls``'s defaults, then a recipe's values when ``explicit`` names one, then the explicit values."""
     values = {}
     if explicit.get("recipe"):
-        name = explicit["recipe"]
-        if name not in RECIPES:
-            raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)}")
-        values.update(RECIPES[name])
+        values.update(recipe(explicit["recipe"]))
     values.update(explicit)
-    return dataclasses.replace(config, **values)
+    unknown = sorted(set(values) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no field(s) {', '.join(unknown)}")
+    return cls(**values)
 
 
 def config_from_dict(cls, values: dict):
+    """A config from a stored dict (a checkpoint's), ignoring fields this version does not know."""
     known = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in values.items() if k in known})
 
 
 def write_config(config, path: str | os.PathLike) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(str(path) + ".tmp")
-    temporary.write_text(json.dumps(asdict(config), indent=2, sort_keys=True) + "\n")
-    os.replace(temporary, path)
+    atomic_write(Path(path), json.dumps(asdict(config), indent=2, sort_keys=True) + "\n", durable=True)
+
+
+__all__ = ["TrainConfig", "EvaluateConfig", "DemoConfig", "PrepareConfig", "build_config", "config_from_dict",
+           "write_config", "recipe", "recall_ks", "default_dataset_root", "option", "check_choices", "COMMON_RECIPE"]

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-logger = logging.getLogger("normsoftmax.model")
+logger = logging.getLogger(__name__)
 
 BackboneFactory = Callable[[bool], tuple[nn.Module, int]]
 _REGISTRY: dict[str, BackboneFactory] = {}
@@ -122,6 +122,7 @@ class Embedder(nn.Module):
         self.width = width
         self.dim = dim
         self.backbone_name = backbone_name
+        self.train_config = None  # the TrainConfig of the run it came from (load_embedder sets it)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images))

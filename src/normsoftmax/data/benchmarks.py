@@ -1,4 +1,4 @@
-"""Readers for the four metric-learning benchmarks, in their official layouts.
+"""The four metric-learning benchmarks: a reader for each official layout, and each one's spec.
 
 Each reader takes the dataset root (the folder the official archive extracts
 to, or the folder holding it) and returns :class:`DatasetRecords`. The splits
@@ -12,6 +12,12 @@ are the metric-learning ones, not the datasets' classification splits:
 For CUB and Cars the boundary is "the first half of the class ids", which is
 exactly 100 and 98 on the real data and lets small fixtures in the same
 layout split the same way.
+
+Each reader is followed by its :class:`~normsoftmax.data.registry.DatasetSpec`:
+names, Recall@K cut-offs, published counts, the paper's hyperparameters and the
+official files (with pinned checksums) that ``normsoftmax prepare`` fetches.
+Images are decoded as the reference code does (``Image.open(path).convert("RGB")``:
+no EXIF rotation, alpha dropped rather than composited).
 """
 
 from __future__ import annotations
@@ -22,58 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .records import DatasetError, DatasetRecords, ImageSet, remap_shared
-
-# The counts every metric-learning paper uses; `prepare` and the training log compare against them.
-REFERENCE_COUNTS: dict[str, dict[str, dict[str, int]]] = {
-    "cub200": {"train": {"images": 5864, "classes": 100}, "test": {"images": 5924, "classes": 100}},
-    "cars196": {"train": {"images": 8054, "classes": 98}, "test": {"images": 8131, "classes": 98}},
-    "sop": {"train": {"images": 59551, "classes": 11318}, "test": {"images": 60502, "classes": 11316}},
-    "inshop": {"train": {"images": 25882, "classes": 3997}, "query": {"images": 14218, "classes": 3985},
-               "gallery": {"images": 12612, "classes": 3985}},
-}
-
-# The reference script's --dataset names, and the short names used by `prepare` and the recipes.
-DATASET_ALIASES = {
-    "cub200": "cub200", "cub": "cub200", "cub_200_2011": "cub200",
-    "cars196": "cars196", "cars": "cars196",
-    "stanfordonlineproducts": "sop", "sop": "sop", "stanford_online_products": "sop",
-    "inshop": "inshop", "in-shop": "inshop", "in_shop": "inshop",
-    "folder": "folder", "csv": "csv",
-}
-
-
-def canonical_dataset_name(name: str) -> str:
-    try:
-        return DATASET_ALIASES[name.lower()]
-    except KeyError:
-        known = "Cub200, Cars196, StanfordOnlineProducts, InShop, folder, csv"
-        raise DatasetError(f"unknown dataset {name!r}; choose one of {known}") from None
-
-
-def load_dataset(name: str, root: str | os.PathLike) -> DatasetRecords:
-    """Read any supported dataset by name (reference-script or short name)."""
-    from .custom import load_csv, load_folder
-
-    readers = {"cub200": load_cub200, "cars196": load_cars196, "sop": load_sop, "inshop": load_inshop,
-               "folder": load_folder, "csv": load_csv}
-    canonical = canonical_dataset_name(name)
-    records = readers[canonical](root)
-    records.check_trainable(str(records.root))
-    if canonical in REFERENCE_COUNTS:
-        records.notes.extend(compare_with_reference(canonical, records))
-    return records
-
-
-def compare_with_reference(name: str, records: DatasetRecords) -> list[str]:
-    """Human-readable differences between the loaded counts and the published ones (empty when equal)."""
-    differences = []
-    counts = records.counts()
-    for split, expected in REFERENCE_COUNTS[name].items():
-        found = counts.get(split, {"images": 0, "classes": 0})
-        for key in ("images", "classes"):
-            if found[key] != expected[key]:
-                differences.append(f"{name} {split}: {found[key]} {key}, the reference count is {expected[key]}")
-    return differences
+from .registry import DatasetSpec, SourceFile, register_dataset
 
 
 def _find_root(root: str | os.PathLike, marker: str, subfolder: str) -> Path:
@@ -149,6 +104,27 @@ def load_cub200(root: str | os.PathLike) -> DatasetRecords:
     return DatasetRecords("cub200", str(base), train, test=test)
 
 
+register_dataset(DatasetSpec(
+    name="cub200", title="CUB-200-2011", read=load_cub200, aliases=("Cub200", "cub", "cub_200_2011"),
+    recall_ks=(1, 2, 4, 8), decode="reference",
+    reference_counts={"train": {"images": 5864, "classes": 100}, "test": {"images": 5924, "classes": 100}},
+    recipe={"lr": 0.001, "images_per_class": 25},
+    homepage="https://www.vision.caltech.edu/datasets/cub_200_2011/ (files: CaltechDATA record 65de6-vp158)",
+    files=(SourceFile(
+        "CUB_200_2011.tgz",
+        urls=("https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz?download=1",),
+        sha256="0c685df5597a8b24909f6a7c9db6d11e008733779a671760afef78feb49bf081",
+        md5="97eceeb196236b17998738112f37df78",
+        size=1150585339,
+        checksum_source=("MD5: the checksum distributed with CUB_200_2011.tgz since the original Caltech release "
+                         "and listed by CaltechDATA for record 65de6-vp158; SHA-256 and size: as recorded for the "
+                         "same 1,150,585,339-byte archive by TensorFlow Datasets (url_checksums/caltech_birds2011.txt)"),
+    ),),
+    dataset_root="CUB_200_2011",
+    layout_markers=("images.txt", "CUB_200_2011/images.txt"),
+))
+
+
 def load_cars196(root: str | os.PathLike) -> DatasetRecords:
     from scipy.io import loadmat
 
@@ -182,6 +158,32 @@ def load_cars196(root: str | os.PathLike) -> DatasetRecords:
     return DatasetRecords("cars196", str(base), train, test=test)
 
 
+register_dataset(DatasetSpec(
+    name="cars196", title="Cars196 (Stanford Cars)", read=load_cars196, aliases=("Cars196", "cars"),
+    recall_ks=(1, 2, 4, 8), decode="reference",
+    reference_counts={"train": {"images": 8054, "classes": 98}, "test": {"images": 8131, "classes": 98}},
+    recipe={"lr": 0.01, "images_per_class": 25},
+    homepage="https://ai.stanford.edu/~jkrause/cars/car_dataset.html (download links no longer work)",
+    files=(
+        SourceFile("car_ims.tgz", md5="d5c8f0aa497503f355e17dc7886c3f14",
+                   checksum_source="MD5 of the original Stanford car_ims.tgz, as used by metric-learning loaders; "
+                                   "no SHA-256 was ever published"),
+        SourceFile("cars_annos.mat", md5="b407c6086d669747186bd1d764ff9dbc", extract=False, place="cars_annos.mat",
+                   checksum_source="MD5 of the original Stanford cars_annos.mat, as used by metric-learning loaders"),
+    ),
+    dataset_root=".",
+    instructions=(
+        "Cars196 has no working official download: the Stanford links for car_ims.tgz and cars_annos.mat "
+        "(ai.stanford.edu/~jkrause/cars/car_dataset.html) are dead. Get both files from a copy you trust, then run\n"
+        "  normsoftmax prepare cars196 --root {root} --from-archive /path/to/car_ims.tgz "
+        "--from-archive /path/to/cars_annos.mat\n"
+        "(or --url URL_OF_car_ims.tgz --url URL_OF_cars_annos.mat). Files byte-identical to the original release "
+        "are recognised by their MD5 and treated as official."
+    ),
+    layout_markers=("cars_annos.mat",),
+))
+
+
 def _read_ebay(path: Path, base: Path) -> tuple[list[str], list[int]]:
     rows = _read_table(path, 4, skip=1)
     header = path.read_text(encoding="utf-8").split("\n", 1)[0].split()
@@ -197,6 +199,30 @@ def load_sop(root: str | os.PathLike) -> DatasetRecords:
     train = ImageSet.from_raw(*_read_ebay(base / "Ebay_train.txt", base))
     test = ImageSet.from_raw(*_read_ebay(base / "Ebay_test.txt", base))
     return DatasetRecords("sop", str(base), train, test=test)
+
+
+register_dataset(DatasetSpec(
+    name="sop", title="Stanford Online Products", read=load_sop,
+    aliases=("StanfordOnlineProducts", "stanford_online_products"),
+    recall_ks=(1, 10, 100, 1000), decode="reference",
+    reference_counts={"train": {"images": 59551, "classes": 11318}, "test": {"images": 60502, "classes": 11316}},
+    recipe={"lr": 0.01, "images_per_class": 5},
+    homepage="https://cvgl.stanford.edu/projects/lifted_struct/",
+    files=(SourceFile(
+        "Stanford_Online_Products.zip",
+        # The project page links the FTP path; the same file is served over HTTP by ftp.cs.stanford.edu.
+        urls=("http://ftp.cs.stanford.edu/cs/cvgl/Stanford_Online_Products.zip",
+              "ftp://cs.stanford.edu/cs/cvgl/Stanford_Online_Products.zip"),
+        sha256="b04fa78210e69fab050ce73939550e1cd0f96890bdd98ec9fee732c3b756ef48",
+        md5="7f73d41a2f44250d4779881525aea32e",
+        size=3083860082,
+        checksum_source=("SHA-256 and size: as recorded for ftp://cs.stanford.edu/cs/cvgl/Stanford_Online_Products.zip "
+                         "by TensorFlow Datasets (url_checksums/stanford_online_products.txt); MD5: the one used "
+                         "by metric-learning loaders (e.g. pytorch-metric-learning). The project page publishes none."),
+    ),),
+    dataset_root="Stanford_Online_Products",
+    layout_markers=("Ebay_train.txt", "Stanford_Online_Products/Ebay_train.txt"),
+))
 
 
 def load_inshop(root: str | os.PathLike) -> DatasetRecords:
@@ -224,3 +250,32 @@ def load_inshop(root: str | os.PathLike) -> DatasetRecords:
     train = ImageSet.from_raw(*grouped["train"])
     query, gallery = remap_shared([grouped["query"], grouped["gallery"]])
     return DatasetRecords("inshop", str(base), train, query=query, gallery=gallery)
+
+
+register_dataset(DatasetSpec(
+    name="inshop", title="In-Shop Clothes Retrieval (DeepFashion)", read=load_inshop,
+    aliases=("InShop", "in-shop", "in_shop"),
+    recall_ks=(1, 10, 20, 30, 40, 50), decode="reference",
+    reference_counts={"train": {"images": 25882, "classes": 3997}, "query": {"images": 14218, "classes": 3985},
+                      "gallery": {"images": 12612, "classes": 3985}},
+    recipe={"lr": 0.01, "images_per_class": 5},
+    homepage="https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html",
+    files=(
+        SourceFile("img.zip", checksum_source="none published"),
+        SourceFile("list_eval_partition.txt", extract=False, place="Eval/list_eval_partition.txt",
+                   checksum_source="none published"),
+    ),
+    dataset_root=".",
+    instructions=(
+        "In-Shop Clothes Retrieval cannot be downloaded automatically: the DeepFashion authors share it through a "
+        "Google Drive folder linked from https://mmlab.ie.cuhk.edu.hk/projects/DeepFashion/InShopRetrieval.html "
+        "(\"Download\", folder \"In-shop Clothes Retrieval Benchmark\"). From that folder download these two files:\n"
+        "  Img/img.zip                    the 52,712 images (not img_highres.zip)\n"
+        "  Eval/list_eval_partition.txt   the train / query / gallery split\n"
+        "Put them anywhere (e.g. {root}/downloads/) and run\n"
+        "  normsoftmax prepare inshop --root {root} --from-archive /path/to/img.zip "
+        "--from-archive /path/to/list_eval_partition.txt\n"
+        "img.zip is extracted to {root}/img/ and the list copied to {root}/Eval/list_eval_partition.txt."
+    ),
+    layout_markers=("Eval/list_eval_partition.txt", "list_eval_partition.txt"),
+))

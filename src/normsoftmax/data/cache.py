@@ -1,15 +1,15 @@
-"""A pre-resized image cache: every image decoded and resized once, into one uint8 memory-mapped file.
+"""Reading the pre-resized image cache: every image decoded and resized once, in one uint8 memory-mapped file.
 
 Decoding a ~500x375 JPEG and resizing it costs several times more than the
 random crop, flip and normalisation that follow, and it is the same work every
-epoch. :func:`build_cache` does it once: the pixels of
-``torchvision.transforms.Resize(size)(load_rgb(path))`` (the recipe's square
-``Resize((256, 256))``, or the shorter side with ``keep_aspect``) are appended
-to ``pixels.u8``, and ``index.json`` (written last) maps each image to its
-offset and shape, with the spec the cache was built for and every source file's
-size and modification time. :func:`find_cache` returns a cache only when it
-covers every image of a dataset, matches the transform configuration and no
-source file changed since.
+epoch. :func:`normsoftmax.prepare.cache.build_cache` does it once: the pixels of
+``torchvision.transforms.Resize(size)(decode(path))`` (the recipe's square
+``Resize((256, 256))``, or the shorter side with ``keep_aspect``; the dataset's
+decoder) are appended to ``pixels.u8``, and ``index.json`` (written last) maps
+each image to its offset and shape, with the spec the cache was built for and
+every source file's size, modification time and content digest.
+:func:`find_cache` returns a cache only when it covers every image of a
+dataset, matches the transform configuration and no source file changed since.
 
 Training then reads pixels with :meth:`ImageCache.read` (a zero-copy view of
 the memory map) and applies :func:`array_train_transform` /
@@ -26,33 +26,30 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from .images import IMAGENET_MEAN, IMAGENET_STD, ImageTransformConfig, load_rgb
-from .records import DatasetError, DatasetRecords
+from .images import IMAGENET_MEAN, IMAGENET_STD, ImageTransformConfig
+from .records import DatasetRecords
 
-log = logging.getLogger("normsoftmax.prepare")
+log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: a content digest per source file
 INDEX_NAME = "index.json"
 PIXELS_NAME = "pixels.u8"
 
 
-def cache_spec(config: ImageTransformConfig) -> dict:
-    """What a cache's pixels depend on: the resize (not the crop, which happens at read time), and the
-    Pillow and torchvision versions, whose resampling defines the exact pixel values."""
+def cache_spec(config: ImageTransformConfig, decode: str = "robust") -> dict:
+    """What a cache's pixels depend on: the decoder, the resize (not the crop, which happens at read time),
+    and the Pillow and torchvision versions, whose resampling defines the exact pixel values."""
     import PIL
     import torchvision
 
     return {"format": CACHE_FORMAT, "resize": int(config.resize), "keep_aspect": bool(config.keep_aspect),
-            "interpolation": "bilinear-antialias (torchvision Resize on PIL)",
+            "interpolation": "bilinear-antialias (torchvision Resize on PIL)", "decode": decode,
             "pillow": PIL.__version__, "torchvision": torchvision.__version__}
 
 
@@ -77,7 +74,7 @@ class ImageCache:
         self.paths = [e[0] if os.path.isabs(e[0]) else os.path.join(self.root, e[0]) for e in entries]
         self.offsets = np.array([e[1] for e in entries], dtype=np.int64)
         self.shapes = np.array([[e[2], e[3]] for e in entries], dtype=np.int64).reshape(-1, 2)
-        self.sources = [(e[4], e[5]) for e in entries]  # (size, mtime_ns) of each source file
+        self.sources = [(e[4], e[5], e[6]) for e in entries]  # (size, mtime_ns, content digest) of each source
         self.position = {path: i for i, path in enumerate(self.paths)}
         self.nbytes = int(index["nbytes"])
         self._pixels: np.ndarray | None = None   # the np.memmap
@@ -124,113 +121,57 @@ class ImageCache:
         start = self.offsets[i]
         return flat[start: start + height * width * 3].reshape(height, width, 3)
 
-    def matches(self, config: ImageTransformConfig) -> bool:
-        return self.spec == cache_spec(config)
+    def matches(self, config: ImageTransformConfig, decode: str = "robust") -> bool:
+        return self.spec == cache_spec(config, decode)
 
     def stale_paths(self, paths: Sequence[str], limit: int | None = None) -> list[tuple[str, str]]:
-        """(path, reason) for paths that are missing from the cache or changed since it was built."""
-        problems = []
-        for path in paths:
+        """(path, reason) for paths that are missing from the cache or whose content changed since it was built.
+
+        A changed size or modification time makes a file stale, and so does changed content: every file is
+        read and digested (threads; hashing releases the GIL), so a file replaced by another of the same size
+        and modification time -- as archive extraction leaves them -- is caught too. At most ``limit``
+        problems are reported.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        from ..runtime import worker_count
+
+        def problem(path: str) -> str | None:
             i = self.position.get(str(path))
             if i is None:
-                problems.append((str(path), "not in the cache"))
-            else:
-                try:
-                    info = os.stat(path)
-                except OSError:
-                    problems.append((str(path), "source file missing"))
-                else:
-                    if (info.st_size, info.st_mtime_ns) != tuple(self.sources[i]):
-                        problems.append((str(path), "source file changed since the cache was built"))
-            if limit is not None and len(problems) >= limit:
-                break
+                return "not in the cache"
+            size, mtime, digest = self.sources[i]
+            try:
+                info = os.stat(path)
+                if (info.st_size, info.st_mtime_ns) != (size, mtime):
+                    return "source file changed since the cache was built"
+                if file_content_digest(path) != digest:
+                    return "source file changed since the cache was built (content)"
+            except OSError:
+                return "source file missing"
+            return None
+
+        problems = []
+        with ThreadPoolExecutor(max_workers=worker_count()) as pool:
+            for path, reason in zip(paths, pool.map(problem, paths, chunksize=64)):
+                if reason is not None:
+                    problems.append((str(path), reason))
+                    if limit is not None and len(problems) >= limit:
+                        break
         return problems
 
 
-def _resize_one(task: tuple[str, tuple | int]) -> tuple[np.ndarray, int, int]:
-    from torchvision import transforms
-
-    path, size = task
-    info = os.stat(path)
-    pixels = np.asarray(transforms.Resize(size)(load_rgb(path)), dtype=np.uint8)
-    if pixels.ndim != 3 or pixels.shape[2] != 3:
-        raise DatasetError(f"{path}: decoded to shape {pixels.shape}, expected HxWx3")
-    return np.ascontiguousarray(pixels), info.st_size, info.st_mtime_ns
+def content_digest(data: bytes) -> str:
+    """The digest a cache keeps of each source file's bytes (BLAKE2b, 128 bits)."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
-def _init_worker() -> None:
-    torch.set_num_threads(1)
-
-
-def build_cache(records: DatasetRecords, config: ImageTransformConfig = ImageTransformConfig(),
-                workers: int | None = None, directory: str | os.PathLike | None = None,
-                progress: bool = True) -> Path:
-    """Decode and resize every image of ``records`` (all splits) once; returns the cache directory.
-
-    The pixels equal ``np.asarray(transforms.Resize(config.resize_size())(load_rgb(path)))`` exactly.
-    An existing, up-to-date cache for the same images and spec is reused as it is.
-    """
-    from tqdm import tqdm
-
-    directory = Path(directory) if directory is not None else default_cache_dir(records, config)
-    paths = list(dict.fromkeys(records.all_paths()))  # all splits, each path once
-    existing = _open_if_valid(directory, paths, config, records.root)
-    if existing is not None:
-        log.info("image cache %s is up to date (%d images)", directory, len(paths))
-        return directory
-    directory.mkdir(parents=True, exist_ok=True)
-    _check_space(directory, len(paths), config)
-    index_path = directory / INDEX_NAME
-    index_path.unlink(missing_ok=True)  # the index is the completion marker: remove it before touching pixels
-    root = str(Path(records.root))
-    size = config.resize_size()
-    workers = workers if workers is not None else (os.cpu_count() or 1)
-    tasks = [(path, size) for path in paths]
-    entries = []
-    offset = 0
-    started = time.perf_counter()
-    temporary = directory / (PIXELS_NAME + ".tmp")
-    pool = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) if workers > 1 and len(paths) > 64 else None
-    try:
-        results = pool.map(_resize_one, tasks, chunksize=max(1, min(64, len(tasks) // (workers * 8) or 1))) if pool else map(_resize_one, tasks)
-        with open(temporary, "wb") as sink:
-            for path, (pixels, src_size, src_mtime) in tqdm(zip(paths, results), total=len(paths), desc="caching images",
-                                                            unit="img", disable=not progress, leave=False):
-                sink.write(pixels.data)
-                relative = os.path.relpath(path, root) if _is_under(path, root) else path
-                entries.append([relative, offset, int(pixels.shape[0]), int(pixels.shape[1]), int(src_size), int(src_mtime)])
-                offset += pixels.nbytes
-            sink.flush()
-            os.fsync(sink.fileno())
-    except Exception as error:
-        temporary.unlink(missing_ok=True)
-        if isinstance(error, DatasetError):
-            raise
-        raise DatasetError(f"building the image cache in {directory} failed ({type(error).__name__}: {error})") from None
-    finally:
-        if pool is not None:
-            pool.shutdown()
-    os.replace(temporary, directory / PIXELS_NAME)
-    index = {"spec": cache_spec(config), "root": root, "nbytes": offset, "count": len(entries),
-             "paths_digest": _paths_digest(paths), "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-             "entries": entries}
-    staging = directory / (INDEX_NAME + ".tmp")
-    staging.write_text(json.dumps(index, separators=(",", ":")))
-    os.replace(staging, index_path)
-    log.info("cached %d images (%.2f GiB) in %s in %.1f s", len(entries), offset / 2**30, directory,
-             time.perf_counter() - started)
-    return directory
-
-
-def _check_space(directory: Path, count: int, config: ImageTransformConfig) -> None:
-    # Square caches have an exact size; keep_aspect ones are estimated for 4:3 photos.
-    per_image = config.resize * config.resize * 3 * (1 if not config.keep_aspect else 4 / 3)
-    needed = count * per_image
-    free = shutil.disk_usage(directory).free
-    if needed > free:
-        raise DatasetError(f"the image cache for {count} images needs about {needed / 2**30:.1f} GiB in {directory}, "
-                           f"but only {free / 2**30:.1f} GiB are free")
-    log.info("caching %d images: about %.2f GiB in %s", count, needed / 2**30, directory)
+def file_content_digest(path: str | os.PathLike) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def find_cache(records: DatasetRecords, config: ImageTransformConfig = ImageTransformConfig(),
@@ -238,10 +179,11 @@ def find_cache(records: DatasetRecords, config: ImageTransformConfig = ImageTran
     """The cache for ``records`` and ``config``, or None when there is none, it misses an image,
     was built for another resize, or any source image changed since it was built (the reason is logged)."""
     directory = Path(directory) if directory is not None else default_cache_dir(records, config)
-    return _open_if_valid(directory, records.all_paths(), config, records.root)
+    return open_if_valid(directory, records.all_paths(), config, records.root, records.decode)
 
 
-def _open_if_valid(directory: Path, paths: Sequence[str], config: ImageTransformConfig, root) -> ImageCache | None:
+def open_if_valid(directory: Path, paths: Sequence[str], config: ImageTransformConfig, root,
+                  decode: str = "robust") -> ImageCache | None:
     if not (directory / INDEX_NAME).is_file():
         return None
     try:
@@ -249,8 +191,8 @@ def _open_if_valid(directory: Path, paths: Sequence[str], config: ImageTransform
     except (OSError, ValueError, KeyError, IndexError, TypeError) as error:
         log.warning("ignoring the unreadable image cache %s (%s)", directory, error)
         return None
-    if not cache.matches(config):
-        log.info("ignoring the image cache %s: built for %s, needed %s", directory, cache.spec, cache_spec(config))
+    if not cache.matches(config, decode):
+        log.info("ignoring the image cache %s: built for %s, needed %s", directory, cache.spec, cache_spec(config, decode))
         return None
     if not (directory / PIXELS_NAME).is_file() or (directory / PIXELS_NAME).stat().st_size != cache.nbytes:
         log.warning("ignoring the image cache %s: its pixel file is missing or truncated", directory)
@@ -263,18 +205,11 @@ def _open_if_valid(directory: Path, paths: Sequence[str], config: ImageTransform
     return cache
 
 
-def _is_under(path: str, root: str) -> bool:
+def is_under(path: str, root: str) -> bool:
     try:
         return os.path.commonpath([os.path.abspath(path), os.path.abspath(root)]) == os.path.abspath(root)
     except ValueError:
         return False
-
-
-def _paths_digest(paths: Sequence[str]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.encode("utf-8", "surrogateescape") + b"\0")
-    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------ array transforms
@@ -351,5 +286,5 @@ def array_eval_transform(config: ImageTransformConfig = ImageTransformConfig()) 
     return ArrayEvalTransform(config.crop)
 
 
-__all__ = ["ImageCache", "build_cache", "find_cache", "cache_spec", "default_cache_dir",
+__all__ = ["ImageCache", "find_cache", "cache_spec", "default_cache_dir",
            "array_train_transform", "array_eval_transform", "ArrayTrainTransform", "ArrayEvalTransform"]

@@ -10,6 +10,9 @@ Split values ``train``/``test`` give leave-one-out evaluation on the test rows;
 ``train``/``query``/``gallery`` give query-against-gallery evaluation, query
 and gallery sharing one label space. Without a split column the classes are
 split in half as for folders. Relative paths resolve against the CSV's folder.
+
+Users' images are decoded robustly (EXIF orientation applied, alpha composited on
+white, 16-bit scaled; see :func:`normsoftmax.data.images.load_rgb`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import os
 from pathlib import Path
 
 from .records import DatasetError, DatasetRecords, ImageSet, remap_shared
+from .registry import DatasetSpec, register_dataset
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -61,6 +65,9 @@ def load_folder(root: str | os.PathLike) -> DatasetRecords:
         half = len(folders) // 2
         train, test = _image_set(folders[:half]), _image_set(folders[half:])
     return DatasetRecords("folder", str(root), train, test=test)
+
+
+register_dataset(DatasetSpec(name="folder", title="a folder per class", read=load_folder))
 
 
 def load_csv(path: str | os.PathLike) -> DatasetRecords:
@@ -119,3 +126,6 @@ def _read_csv(path: Path) -> DatasetRecords:
         query, gallery = remap_shared([by_split["query"], by_split["gallery"]])
         return DatasetRecords("csv", str(path), train, query=query, gallery=gallery)
     raise DatasetError(f"{path}: splits {sorted(splits)} — use train+test (leave-one-out) or train+query+gallery")
+
+
+register_dataset(DatasetSpec(name="csv", title="a CSV of path,label[,split]", read=load_csv))

@@ -1,9 +1,14 @@
-"""Decoding images robustly, the recipe's transforms, and the image dataset.
+"""Decoding images, the recipe's transforms, and the image dataset.
 
-``load_rgb`` is the one place an image file becomes pixels: EXIF orientation is
-applied, and grayscale, palette, alpha, CMYK and 16-bit inputs all become
-8-bit RGB (transparent areas composited onto white, 16-bit values scaled, not
-clipped). ``verify_images`` decodes every file before training so that a bad
+Two decoders turn a file into 8-bit RGB pixels (``DECODERS``, chosen per dataset):
+
+* ``"reference"`` -- ``Image.open(path).convert("RGB")``, exactly what the
+  reference code does; the four benchmarks use it, so their pixels are the
+  paper's;
+* ``"robust"`` (:func:`load_rgb`) -- for users' folder and CSV data: EXIF
+  orientation is applied, and grayscale, palette, alpha, CMYK and 16-bit inputs
+  all become 8-bit RGB (transparent areas composited onto white, 16-bit values
+  scaled, not clipped). ``verify_images`` decodes every file before training so that a bad
 file stops the run with its name instead of killing a DataLoader worker in
 epoch 7.
 """
@@ -21,6 +26,7 @@ import torch
 from PIL import Image, ImageFile, ImageOps
 from torchvision import transforms
 
+from ..runtime import worker_count
 from .records import DatasetError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -36,6 +42,22 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
         opened.load()
         image = ImageOps.exif_transpose(opened)
     return to_rgb(image)
+
+
+def load_rgb_as_reference(path: str | os.PathLike) -> Image.Image:
+    """The reference code's decoding: ``Image.open(path).convert("RGB")``, nothing else."""
+    with Image.open(path) as opened:
+        return opened.convert("RGB")
+
+
+DECODERS: dict[str, Callable[[str | os.PathLike], Image.Image]] = {"robust": load_rgb, "reference": load_rgb_as_reference}
+
+
+def decoder(name: str) -> Callable[[str | os.PathLike], Image.Image]:
+    try:
+        return DECODERS[name]
+    except KeyError:
+        raise ValueError(f"unknown image decoding {name!r}; choose one of {', '.join(DECODERS)}") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -102,11 +124,13 @@ class ImageDataset(torch.utils.data.Dataset):
     one of the cache's array transforms.
     """
 
-    def __init__(self, paths: Sequence[str], labels: Sequence[int], transform: Callable, cache=None):
+    def __init__(self, paths: Sequence[str], labels: Sequence[int], transform: Callable, cache=None,
+                 decode: str = "robust"):
         self.paths = list(paths)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.transform = transform
         self.cache = cache
+        self.load = decoder(decode)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -114,7 +138,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         path = self.paths[index]
         try:
-            image = self.cache.read(path) if self.cache is not None else load_rgb(path)
+            image = self.cache.read(path) if self.cache is not None else self.load(path)
         except Exception as error:
             # Verification normally catches this before training; keep the file name if it slips through.
             raise DatasetError(f"{path}: cannot be read as an image ({type(error).__name__}: {error})") from None
@@ -138,7 +162,7 @@ def check_image(path: str) -> str | None:
 def find_bad_images(paths: Sequence[str], workers: int | None = None, progress: bool = False) -> list[tuple[str, str]]:
     """(path, reason) for every path that is missing or does not decode."""
     paths = list(paths)
-    workers = workers if workers is not None else (os.cpu_count() or 1)
+    workers = worker_count(workers)
     parallel = workers > 1 and len(paths) >= 256  # below that, starting processes costs more than it saves
     with contextlib.ExitStack() as stack:
         if parallel:

@@ -74,6 +74,7 @@ class DatasetRecords:
     query: ImageSet | None = None
     gallery: ImageSet | None = None
     notes: list[str] = field(default_factory=list)
+    decode: str = "robust"  # how images become pixels: "robust" or "reference" (see data.images.DECODERS)
 
     def __post_init__(self) -> None:
         if (self.test is None) == (self.query is None or self.gallery is None):

@@ -1,0 +1,72 @@
+"""Images -> embeddings with an embedder, in the evaluation transform, in order."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..data.cache import array_eval_transform
+from ..data.images import ImageDataset, ImageTransformConfig, eval_transform
+from ..runtime import autocast, loader_settings, resolve_device
+
+
+def eval_dataset(paths: Sequence[str], labels, transform: ImageTransformConfig, cache=None,
+                 decode: str = "robust") -> ImageDataset:
+    """The images in the evaluation transform (Resize -> CenterCrop -> normalise), from the cache when given."""
+    if cache is not None:
+        return ImageDataset(paths, labels, array_eval_transform(transform), cache=cache)
+    return ImageDataset(paths, labels, eval_transform(transform), decode=decode)
+
+
+@torch.no_grad()
+def embed_dataset(model: torch.nn.Module, dataset: torch.utils.data.Dataset, batch_size: int = 64,
+                  device: torch.device | str = "cpu", workers: int = 0, amp: str = "none",
+                  channels_last: bool = False, progress: bool = False, description: str = "embedding") -> np.ndarray:
+    """(N, dim) float32 embeddings of ``dataset``'s images, in its order; the model is left in the mode it had."""
+    device = torch.device(device)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                         **loader_settings(device, workers))
+    if progress:
+        from tqdm import tqdm
+
+        loader = tqdm(loader, desc=description, unit="batch", leave=False)
+    was_training = model.training
+    model.eval()
+    chunks = []
+    try:
+        for images, _ in loader:
+            images = images.to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast(device, amp):
+                chunks.append(model(images).float().cpu())
+    finally:
+        model.train(was_training)
+    if not chunks:
+        return np.zeros((0, getattr(model, "dim", 0)), dtype=np.float32)
+    return torch.cat(chunks).numpy()
+
+
+def embed_images(model: torch.nn.Module, paths: Sequence[str], *, batch_size: int = 64, device: str | None = None,
+                 workers: int = 0, amp: str = "none", transform: ImageTransformConfig | None = None,
+                 decode: str = "robust", progress: bool = False) -> np.ndarray:
+    """(N, dim) float32 embeddings of the image files ``paths``.
+
+    The geometry (resize, crop) is the model's training run's (``model.train_config``, set by
+    :func:`normsoftmax.load_embedder`) unless ``transform`` is given; ``device`` defaults to the model's.
+    """
+    config = getattr(model, "train_config", None)
+    if transform is None:
+        transform = ImageTransformConfig(resize=config.resize, crop=config.crop, keep_aspect=config.keep_aspect) \
+            if config is not None else ImageTransformConfig()
+    if device is None:
+        device = next(model.parameters()).device
+    device = resolve_device(str(device))
+    dataset = eval_dataset(list(paths), np.zeros(len(paths), dtype=np.int64), transform, decode=decode)
+    channels_last = bool(config.channels_last) if config is not None else False
+    return embed_dataset(model, dataset, batch_size, device, workers, amp, channels_last, progress)
+
+
+__all__ = ["embed_images", "embed_dataset", "eval_dataset"]

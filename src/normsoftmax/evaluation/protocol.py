@@ -1,0 +1,42 @@
+"""A dataset's evaluation protocol applied to a model: embed the evaluated splits, then rank.
+
+Leave-one-out over ``test`` (CUB, Cars, SOP, folder/CSV), or ``query`` against ``gallery`` (In-Shop, CSV
+with query/gallery splits); see :func:`normsoftmax.evaluation.metrics.evaluate_embeddings`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..data.images import ImageTransformConfig
+from ..data.records import DatasetRecords
+from ..embedding.embed import embed_dataset, eval_dataset
+from .metrics import evaluate_embeddings, format_recall_lines, nmi_by_default
+
+
+def evaluate_model(model: torch.nn.Module, records: DatasetRecords, transform: ImageTransformConfig, ks: list[int],
+                   batch_size: int, device: torch.device, workers: int, amp: str = "none", channels_last: bool = False,
+                   nmi: bool | None = None, cache=None, progress: bool = False, binary: bool = True) -> tuple[dict, dict]:
+    """(evaluation object, embeddings by split) for the dataset's evaluation protocol."""
+
+    def embed(split):
+        dataset = eval_dataset(split.paths, split.labels, transform, cache, decode=records.decode)
+        return embed_dataset(model, dataset, batch_size, device, workers, amp, channels_last, progress)
+
+    if records.query_gallery:
+        query, gallery = embed(records.query), embed(records.gallery)
+        use_nmi = nmi if nmi is not None else nmi_by_default(records.query.num_classes)
+        result = evaluate_embeddings(query_embeddings=query, query_labels=records.query.labels, gallery_embeddings=gallery,
+                                     gallery_labels=records.gallery.labels, ks=ks, nmi=use_nmi, binary=binary,
+                                     device=device)
+        return result, {"query": query, "gallery": gallery}
+    test = embed(records.test)
+    use_nmi = nmi if nmi is not None else nmi_by_default(records.test.num_classes)
+    result = evaluate_embeddings(test, records.test.labels, ks=ks, nmi=use_nmi, binary=binary, device=device)
+    return result, {"test": test}
+
+
+def recall_report(result: dict) -> list[str]:
+    """The reference README's lines: ``Raw Features: R@1, R@2, R@4, R@8: 65.36 & ...`` and ``Binary Features: ...``."""
+    lines = format_recall_lines(result)
+    return [f"Raw Features: {lines['float']}"] + ([f"Binary Features: {lines['binary']}"] if "binary" in lines else [])
