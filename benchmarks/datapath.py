@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from normsoftmax.data.cache import array_train_transform, build_cache, find_cache
+from normsoftmax.data.cache import array_train_transform, find_cache
+from normsoftmax.prepare.cache import build_cache
 from normsoftmax.data.images import ImageTransformConfig, load_rgb, train_transform
 from normsoftmax.data.records import DatasetRecords, ImageSet
 

@@ -17,8 +17,8 @@ import time
 import numpy as np
 import torch
 
-import normsoftmax.evaluate as evaluate_module
-from normsoftmax.evaluate import evaluate_embeddings
+import normsoftmax.evaluation.metrics as evaluate_module
+from normsoftmax.evaluation.metrics import evaluate_embeddings
 
 
 def crowded(n: int, dim: int, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -44,10 +44,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 try:
-    import normsoftmax.evaluate as ev
+    import normsoftmax.evaluation.metrics as ev
 except ImportError:  # running from a checkout without installing the package
     sys.path.insert(0, str(ROOT / "src"))
-    import normsoftmax.evaluate as ev
+    import normsoftmax.evaluation.metrics as ev
 
 KS = (1, 10, 100, 1000)
 METRICS = [f"recall@{k}" for k in KS] + ["map@r", "r_precision"]
@@ -388,7 +388,7 @@ def main(argv=None) -> dict:
 
 
 def ev_ranks(c):
-    from normsoftmax.retrieval import per_query_ranks
+    from normsoftmax.evaluation.retrieval import per_query_ranks
 
     return per_query_ranks(c["before"], c["active"], c["count"])
 

@@ -81,3 +81,18 @@ def archives(tmp_path_factory) -> dict[str, Path]:
     files["cars_annos"].write_bytes((source / "cars" / "cars_annos.mat").read_bytes())
     files["inshop_list"].write_bytes((source / "inshop" / "Eval" / "list_eval_partition.txt").read_bytes())
     return files
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A tiny finished run on a folder dataset (8 classes x 6 images; the last 4 classes are the test split):
+    ``(run_dir, data_root)``. For tests of what comes after training (embed, index, serve, report, export)."""
+    from fixtures import tiny_config, write_folder
+
+    from normsoftmax import train_embedder
+
+    base = tmp_path_factory.mktemp("trained")
+    root = write_folder(base / "data", num_classes=8, images_per_class=6)
+    run_dir = base / "run"
+    train_embedder(tiny_config(root, run_dir, dataset="folder", num_steps=1, dim=16))
+    return run_dir, root

@@ -9,14 +9,8 @@ import json
 import sys
 import typing
 
-from .config import (
-    DemoConfig,
-    EvaluateConfig,
-    PrepareConfig,
-    TrainConfig,
-    build_config,
-    field_choices,
-)
+from .config import (DemoConfig, EmbedConfig, EvaluateConfig, ExportConfig, IndexAddConfig, IndexBuildConfig,
+                     PrepareConfig, ReportConfig, SearchConfig, ServeConfig, TrainConfig, build_config, field_choices)
 
 
 def _int_list(text: str) -> list[int]:
@@ -118,7 +112,70 @@ def _prepare(config: PrepareConfig) -> int:
     return 0 if report.get("ok") else 1
 
 
-# name: (config class, runner, help, description)
+def _embed(config: EmbedConfig) -> int:
+    from .embedding import embed_files
+
+    summary = embed_files(config)
+    if summary.get("is_main", True):
+        print(f"{summary['count']} embeddings ({summary['dim']} dims) in {summary['out']}")
+    return 0
+
+
+def _index_build(config: IndexBuildConfig) -> int:
+    from .search import build_index
+
+    info = build_index(config)
+    print(f"index {info['path']}: {info['count']} items, {', '.join(info['kinds'])}"
+          + (f" (nlist {info['nlist']}, nprobe {info['nprobe']})" if info.get("nlist") else ""))
+    return 0
+
+
+def _index_add(config: IndexAddConfig) -> int:
+    from .search import add_to_index
+
+    info = add_to_index(config)
+    print(f"index {info['path']}: {info['count']} items")
+    return 0
+
+
+def _index_search(config: SearchConfig) -> int:
+    from .search import search_images
+
+    results = search_images(config)
+    if config.print_json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for result in results:
+        print(result["query"])
+        for rank, hit in enumerate(result["neighbours"], start=1):
+            print(f"  {rank:3d}  {hit['score']:.4f}  {hit['path']}")
+    return 0
+
+
+def _serve(config: ServeConfig) -> int:
+    from .search import serve_index
+
+    serve_index(config)
+    return 0
+
+
+def _report(config: ReportConfig) -> int:
+    from .report import write_report
+
+    print(f"report: {write_report(config)}")
+    return 0
+
+
+def _export(config: ExportConfig) -> int:
+    from .export import export_embedder
+
+    result = export_embedder(config)
+    print(f"{config.format} model: {result['path']} (max absolute difference from PyTorch on "
+          f"{result['checked_images']} images: {result['max_abs_diff']:.2e})")
+    return 0
+
+
+# name: (config class, runner, help, description); a dict is a command with sub-commands
 COMMANDS = {
     "train": (TrainConfig, _train, "train an embedder (the reference script's flags)",
               "Train with normalized softmax. Flags given explicitly override --recipe."),
@@ -129,30 +186,55 @@ COMMANDS = {
     "prepare": (PrepareConfig, _prepare,
                 "download, verify, extract and check a benchmark dataset (safe to re-run and to interrupt)",
                 "Prepare a benchmark under --root, or re-verify a prepared copy with --check DIR."),
+    "embed": (EmbedConfig, _embed, "embed a folder, a CSV or a dataset split into an embeddings file", None),
+    "index": {
+        "build": (IndexBuildConfig, _index_build, "build a faiss index from an embeddings file", None),
+        "add": (IndexAddConfig, _index_add, "append an embeddings file to an index", None),
+        "search": (SearchConfig, _index_search, "embed images and print their nearest neighbours in an index", None),
+    },
+    "serve": (ServeConfig, _serve, "serve an index: a JSON search API and a search page", None),
+    "report": (ReportConfig, _report, "write a self-contained HTML report of a training run", None),
+    "export": (ExportConfig, _export, "export the embedder to ONNX or TorchScript, checked against PyTorch", None),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="normsoftmax", description="Image embeddings by classification (normalized softmax).")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (cls, _, help_text, description) in COMMANDS.items():
-        add_config_arguments(subparsers.add_parser(name, help=help_text, description=description or help_text), cls)
+    for name, entry in COMMANDS.items():
+        if isinstance(entry, dict):
+            group = subparsers.add_parser(name, help=f"{name}: {', '.join(entry)}")
+            nested = group.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
+            for sub, (cls, _, help_text, description) in entry.items():
+                add_config_arguments(nested.add_parser(sub, help=help_text, description=description or help_text), cls)
+        else:
+            cls, _, help_text, description = entry
+            add_config_arguments(subparsers.add_parser(name, help=help_text, description=description or help_text), cls)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from .data.records import DatasetError
+    from .files import NotEnoughSpaceError
     from .prepare import DownloadError, ExtractionError, PrepareError
+    from .training.recipe import Preempted
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not args.command:
+    entry = COMMANDS.get(args.command)
+    if isinstance(entry, dict):
+        entry = entry.get(getattr(args, "subcommand", None))
+    if entry is None:
         parser.print_help()
         return 2
-    cls, runner, _, _ = COMMANDS[args.command]
+    cls, runner, _, _ = entry
     try:
         return runner(build_config(cls, explicit_values(args, cls)))
-    except (DatasetError, ValueError, FileNotFoundError, PrepareError, DownloadError, ExtractionError) as error:
+    except Preempted as stopped:
+        print(f"normsoftmax {args.command}: {stopped}", file=sys.stderr)
+        return stopped.exit_code
+    except (DatasetError, ValueError, FileNotFoundError, PrepareError, DownloadError, ExtractionError,
+            NotEnoughSpaceError, FloatingPointError) as error:
         # Bad input is the user's to fix: one clear message, no stack trace.
         print(f"normsoftmax {args.command}: error: {error}", file=sys.stderr)
         return 2

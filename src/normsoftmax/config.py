@@ -128,10 +128,16 @@ class TrainConfig:
     nmi: bool | None = option(None, "NMI (default: only when the evaluated set has at most 1,000 classes)")
     verify_images: bool = option(True, "decode every image before training")
     use_cache: bool = option(True, "use the dataset's pre-resized image cache when it matches")
-    resume: str | None = option(None, "a checkpoint file or a run directory to continue")
+    resume: str | None = option(None, "a checkpoint file or a run directory to continue, or auto: continue the "
+                                      "unfinished run of this config in its run directory, if any")
     run_dir: str | None = option(None, "an explicit run directory instead of OUTPUT/<dataset>/<dim>/<model>_<batch>")
     max_steps_per_epoch: int = option(0, "0: a full epoch; N cuts epochs short (smoke tests)")
-    keep_checkpoints: int = option(0, "0: keep every epoch's checkpoint; N: only the newest N")
+    keep_checkpoints: int = option(0, "0: keep every epoch's checkpoint; N: only the newest N (and the best)")
+    checkpoint_every_minutes: float = option(10.0, "also checkpoint inside an epoch this often (0: never)")
+    on_bad_image: str = option("error", "an image that fails to load during training: stop naming it, or skip "
+                                        "it and count it", choices=("error", "skip"))
+    log_every: int = option(10, "steps between reads of the loss on the host (TensorBoard, progress bar, the "
+                                "non-finite check, stop requests): the device is not synchronised in between")
     progress: bool = option(True, "progress bars")
 
     @classmethod
@@ -160,6 +166,8 @@ class TrainConfig:
             (self.keep_checkpoints >= 0, f"keep_checkpoints must not be negative, got {self.keep_checkpoints}"),
             (self.eval_batch_size >= 0, f"eval_batch_size must not be negative, got {self.eval_batch_size}"),
             (self.workers >= -1, f"workers must be -1 (automatic) or more, got {self.workers}"),
+            (self.checkpoint_every_minutes >= 0, "checkpoint_every_minutes must not be negative"),
+            (self.log_every > 0, f"log_every must be positive, got {self.log_every}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -227,6 +235,108 @@ class PrepareConfig:
     progress: bool = option(True)
 
 
+@dataclass
+class EmbedConfig:
+    """``normsoftmax embed``: images -> an embeddings file (resumable, sharded under torchrun)."""
+
+    checkpoint: str | None = option(None, "a checkpoint file or run directory", positional=True)
+    images: str | None = option(None, "a folder of images (searched recursively) or a CSV with a path column",
+                                positional=True, nargs="?")
+    dataset: str | None = option(None, "embed a dataset's split instead (Cub200, ..., folder, csv)")
+    dataset_root: str | None = option(None)
+    split: str = option("test", "the dataset split to embed", choices=("train", "test", "query", "gallery"))
+    out: str | None = option(None, "the embeddings file to write (.npz)")
+    batch_size: int = option(64)
+    device: str = option("auto")
+    workers: int = option(-1)
+    amp: str = option("none", choices=("none", "bf16", "fp16"))
+    save_every: int = option(4096, "images between atomic writes of the partial result (resuming starts there)")
+    progress: bool = option(True)
+
+
+@dataclass
+class IndexBuildConfig:
+    """``normsoftmax index build``: an embeddings file -> a faiss index folder."""
+
+    embeddings: str | None = option(None, "an embeddings file written by `normsoftmax embed`", positional=True)
+    out: str | None = option(None, "the index folder to create")
+    kind: str = option("flat", "flat: exact inner product (+ binary codes); binary: Hamming only; ivf: IVF-PQ "
+                               "(+ binary codes), for millions of items", choices=("flat", "binary", "ivf"))
+    nlist: int | None = option(None, "IVF lists (default: about 4 sqrt(N), printed)")
+    nprobe: int | None = option(None, "IVF lists searched per query (default: about nlist / 16, printed)")
+    pq_m: int | None = option(None, "PQ sub-quantizers (default: dim / 16, at least 8)")
+    train_size: int = option(100_000, "vectors sampled to train IVF-PQ")
+    seed: int = option(0)
+
+
+@dataclass
+class IndexAddConfig:
+    """``normsoftmax index add``: append an embeddings file (same model) to an index folder."""
+
+    index: str | None = option(None, "the index folder", positional=True)
+    embeddings: str | None = option(None, "an embeddings file of the same model", positional=True)
+
+
+@dataclass
+class SearchConfig:
+    """``normsoftmax index search``: embed query images, print their nearest neighbours."""
+
+    index: str | None = option(None, "the index folder", positional=True)
+    images: str | None = option(None, "an image file or a folder of images", positional=True)
+    k: int = option(10, "neighbours per query")
+    kind: str = option("float", "float (cosine) or binary (Hamming on sign bits)", choices=("float", "binary"))
+    checkpoint: str | None = option(None, "the model to embed with (default: the one recorded in the index)")
+    print_json: bool = option(False, "print JSON", flags=("--json",), action="store_true")
+    batch_size: int = option(64)
+    device: str = option("auto")
+    workers: int = option(0)
+    nprobe: int | None = option(None, "IVF lists searched per query (default: the index's)")
+
+
+@dataclass
+class ServeConfig:
+    """``normsoftmax serve``: a search service and page for an index."""
+
+    checkpoint: str | None = option(None, "the run directory or checkpoint that embedded the index", positional=True)
+    index: str | None = option(None, "the index folder", positional=True)
+    host: str = option("127.0.0.1", "address to bind (127.0.0.1: this machine only)")
+    port: int = option(8000)
+    max_upload_mb: float = option(10.0, "largest accepted upload")
+    max_pixels: int = option(40_000_000, "largest accepted image (width x height): decompression bombs are refused")
+    max_batch: int = option(32, "requests embedded together at most")
+    batch_wait_ms: float = option(5.0, "how long a request waits for others to share its batch")
+    device: str = option("auto")
+    k: int = option(12, "default number of results")
+    max_k: int = option(100, "largest number of results a request may ask for")
+
+
+@dataclass
+class ReportConfig:
+    """``normsoftmax report``: one self-contained HTML page about a training run."""
+
+    run_dir: str | None = option(None, "the run directory", positional=True)
+    out: str | None = option(None, "the HTML file (default RUN_DIR/report.html)")
+    queries: int = option(8, "sampled queries shown with their neighbours")
+    worst: int = option(8, "worst queries shown")
+    k: int = option(8, "neighbours per query in the grids")
+    batch_size: int = option(64)
+    device: str = option("auto")
+    workers: int = option(0)
+    seed: int = option(0)
+    dataset_root: str | None = option(None, "where the run's dataset is now, when it moved (default: the run's)")
+
+
+@dataclass
+class ExportConfig:
+    """``normsoftmax export``: the embedder alone as ONNX or TorchScript, checked against PyTorch."""
+
+    checkpoint: str | None = option(None, "a checkpoint file or run directory", positional=True)
+    format: str = option("onnx", choices=("onnx", "torchscript"))
+    out: str | None = option(None, "the file to write")
+    opset: int = option(18, "ONNX opset")
+    check_batch: int = option(4, "sample images the export is checked on")
+
+
 def build_config(cls, explicit: dict):
     """``cls``'s defaults, then a recipe's values when ``explicit`` names one, then the explicit values."""
     values = {}
@@ -249,5 +359,6 @@ def write_config(config, path: str | os.PathLike) -> None:
     atomic_write(Path(path), json.dumps(asdict(config), indent=2, sort_keys=True) + "\n", durable=True)
 
 
-__all__ = ["TrainConfig", "EvaluateConfig", "DemoConfig", "PrepareConfig", "build_config", "config_from_dict",
+__all__ = ["TrainConfig", "EvaluateConfig", "DemoConfig", "PrepareConfig", "EmbedConfig", "IndexBuildConfig",
+           "IndexAddConfig", "SearchConfig", "ServeConfig", "ReportConfig", "ExportConfig", "build_config", "config_from_dict",
            "write_config", "recipe", "recall_ks", "default_dataset_root", "option", "check_choices", "COMMON_RECIPE"]

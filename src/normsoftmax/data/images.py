@@ -122,27 +122,49 @@ class ImageDataset(torch.utils.data.Dataset):
     ``cache`` is anything with ``read(path) -> HxWx3 uint8 array`` (see :mod:`normsoftmax.data.cache`);
     its pixels are already resized and go to ``transform`` as that array, so ``transform`` must then be
     one of the cache's array transforms.
+
+    An item may be an index or ``(index, seed)``: the transform's random draws then come from ``seed``
+    alone (see :class:`normsoftmax.data.sampler.SeededBatches`). With ``skip_bad`` a file that cannot be
+    read gives ``(None, label, path)`` instead of raising, for :func:`collate_skipping` to drop.
     """
 
     def __init__(self, paths: Sequence[str], labels: Sequence[int], transform: Callable, cache=None,
-                 decode: str = "robust"):
+                 decode: str = "robust", skip_bad: bool = False):
         self.paths = list(paths)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.transform = transform
         self.cache = cache
         self.load = decoder(decode)
+        self.skip_bad = skip_bad
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, None)
         path = self.paths[index]
         try:
             image = self.cache.read(path) if self.cache is not None else self.load(path)
         except Exception as error:
+            if self.skip_bad:
+                return None, int(self.labels[index]), path
             # Verification normally catches this before training; keep the file name if it slips through.
             raise DatasetError(f"{path}: cannot be read as an image ({type(error).__name__}: {error})") from None
-        return self.transform(image), int(self.labels[index])
+        if seed is None:
+            return self.transform(image), int(self.labels[index])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(image), int(self.labels[index])
+
+
+def collate_skipping(items):
+    """Collate (image, label) items, dropping unreadable ones: (images or None, labels or None, skipped paths)."""
+    good = [item[:2] for item in items if item[0] is not None]
+    skipped = [item[2] for item in items if item[0] is None]
+    if not good:
+        return None, None, skipped
+    images, labels = torch.utils.data.default_collate(good)
+    return images, labels, skipped
 
 
 def check_image(path: str) -> str | None:

@@ -64,3 +64,35 @@ class ClassBalancedBatchSampler:
             images = [generator.choice(self.indices_by_class[c], self.images_per_class, replace=True) for c in drawn]
             mine = images[self.rank * share:(self.rank + 1) * share]
             yield np.concatenate(mine).tolist()
+
+
+def sample_seed(seed: int, epoch: int, batch: int, position: int) -> int:
+    """The augmentation seed of one image of one batch: the same wherever and whenever it is loaded."""
+    return ((seed * 1_000_003 + epoch) * 1_000_003 + batch) * 65_536 + position
+
+
+class SeededBatches:
+    """An epoch's batches of a deterministic batch sampler, each index paired with its augmentation seed.
+
+    Seeds depend on (seed, epoch, batch number, position in the global batch) only, so the random crops
+    and flips of an image do not depend on the number of loader workers, on which rank loads it, or on
+    whether the epoch was resumed in the middle: ``start`` skips the batches a checkpoint already covered.
+    ``offset`` is this rank's first position in the global batch.
+    """
+
+    def __init__(self, batches, seed: int, epoch: int = 0, start: int = 0, offset: int = 0):
+        self.batches = batches
+        self.seed = seed
+        self.epoch = epoch
+        self.start = start
+        self.offset = offset
+
+    def __len__(self) -> int:
+        return max(0, len(self.batches) - self.start)
+
+    def __iter__(self):
+        for number, batch in enumerate(self.batches):
+            if number < self.start:
+                continue
+            yield [(int(index), sample_seed(self.seed, self.epoch, number, self.offset + position))
+                   for position, index in enumerate(batch)]

@@ -1,7 +1,9 @@
-"""Embeddings: images -> vectors with an embedder (:mod:`.embed`), and the ``.npz`` files that hold them
-(:mod:`.files`)."""
+"""Embeddings: images -> vectors with an embedder (:mod:`.embed`), the ``.npz`` files that hold them
+(:mod:`.files`), and the ``embed`` command (:mod:`.command`)."""
 
+from .command import embed_files
 from .embed import embed_dataset, embed_images, eval_dataset
-from .files import load_embeddings_npz, save_embeddings_npz
+from .files import EmbeddingsFile, load_embeddings_npz, read_embeddings, save_embeddings_npz, write_embeddings
 
-__all__ = ["embed_images", "embed_dataset", "eval_dataset", "load_embeddings_npz", "save_embeddings_npz"]
+__all__ = ["embed_files", "embed_images", "embed_dataset", "eval_dataset", "load_embeddings_npz", "save_embeddings_npz",
+           "read_embeddings", "write_embeddings", "EmbeddingsFile"]

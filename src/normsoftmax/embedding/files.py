@@ -1,9 +1,18 @@
-"""Embeddings on disk: one ``.npz`` format for the embeddings of a split (leave-one-out) or of a query and a
-gallery set, with the images' paths beside them."""
+"""Embeddings on disk: one ``.npz`` format.
+
+* ``embeddings`` (N x D float32) and ``paths`` (N strings), with ``labels`` (N integers) where known and
+  ``metadata`` (a JSON string: the model's checkpoint and digest, the source, ...) -- what
+  ``normsoftmax embed`` writes and ``normsoftmax index build`` reads (:func:`write_embeddings`,
+  :func:`read_embeddings`);
+* for evaluation, ``embeddings`` + ``labels`` (leave-one-out) or ``query_*`` / ``gallery_*`` arrays, with
+  optional paths (:func:`save_embeddings_npz`, :func:`load_embeddings_npz`).
+"""
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -104,4 +113,68 @@ def load_embeddings_npz(path) -> dict:
     return out
 
 
-__all__ = ["save_embeddings_npz", "load_embeddings_npz"]
+@dataclass
+class EmbeddingsFile:
+    """The content of an embeddings file: vectors, their images' paths, labels where known, metadata."""
+
+    embeddings: np.ndarray  # (N, D) float32
+    paths: list[str]
+    labels: np.ndarray | None = None  # (N,) int64
+    metadata: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+
+def write_embeddings(path, embeddings, paths, labels=None, metadata: dict | None = None) -> None:
+    """Write an embeddings file atomically (a crash leaves the previous file, never half of a new one)."""
+    embeddings = np.ascontiguousarray(_to_numpy(embeddings), dtype=np.float32)
+    if embeddings.ndim != 2:
+        raise ValueError(f"embeddings must be N x D, got shape {embeddings.shape}")
+    if len(paths) != len(embeddings):
+        raise ValueError(f"{len(paths)} paths for {len(embeddings)} embeddings")
+    arrays = {"embeddings": embeddings, "paths": np.asarray([str(p) for p in paths], dtype=str).reshape(-1),
+              "metadata": np.asarray(json.dumps(metadata or {}, sort_keys=True))}
+    if labels is not None:
+        labels = np.asarray(labels, dtype=np.int64)
+        if labels.shape != (len(embeddings),):
+            raise ValueError(f"labels must be {len(embeddings)} integers, got shape {labels.shape}")
+        arrays["labels"] = labels
+    with atomic_output(path, durable=True) as temporary, open(temporary, "wb") as handle:
+        np.savez(handle, **arrays)
+
+
+def read_embeddings(path) -> EmbeddingsFile:
+    """Read an embeddings file (``normsoftmax embed``'s, or an evaluation file of one split with paths)."""
+    name = os.fspath(path)
+    try:
+        with np.load(name, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"{name}: not a readable .npz file ({exc})") from exc
+    if "embeddings" not in arrays or "paths" not in arrays:
+        raise ValueError(f"{name}: an embeddings file holds 'embeddings' and 'paths'; found {sorted(arrays)}")
+    embeddings, paths = arrays["embeddings"], [str(p) for p in arrays["paths"].reshape(-1)]
+    if embeddings.ndim != 2 or embeddings.dtype.kind != "f" or len(paths) != len(embeddings):
+        raise ValueError(f"{name}: expected N x D float embeddings and N paths, found {embeddings.shape} "
+                         f"{embeddings.dtype} and {len(paths)} paths")
+    if not np.isfinite(embeddings).all():
+        raise ValueError(f"{name}: embeddings contain NaN or infinite values")
+    labels = arrays.get("labels")
+    if labels is not None and labels.shape != (len(paths),):
+        raise ValueError(f"{name}: labels has {labels.size} entries but there are {len(paths)} embeddings")
+    try:
+        metadata = json.loads(str(arrays["metadata"])) if "metadata" in arrays else {}
+    except ValueError:
+        raise ValueError(f"{name}: its metadata is not valid JSON") from None
+    return EmbeddingsFile(embeddings.astype(np.float32, copy=False), paths,
+                          None if labels is None else labels.astype(np.int64), metadata)
+
+
+__all__ = ["save_embeddings_npz", "load_embeddings_npz", "write_embeddings", "read_embeddings", "EmbeddingsFile"]

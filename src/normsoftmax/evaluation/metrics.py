@@ -57,12 +57,11 @@ from ..embedding.arrays import check_embeddings_arrays
 from .retrieval import (
     BinaryScorer,
     FloatScorer,
-    Positives,
-    build_positive_pairs,
+    LabelGroups,
     cosine_from_score,
     default_block_size,
     metrics_from_ranks,
-    rank_positives,
+    rank_queries,
 )
 
 __all__ = ["evaluate_embeddings", "format_recall_lines", "nmi_by_default", "CONVENTION", "FLOAT_TILES"]
@@ -109,6 +108,7 @@ def evaluate_embeddings(
     block_size=None,
     seed=0,
     float_tiles="auto",
+    return_per_query=False,
 ) -> dict:
     """Evaluate embeddings for retrieval; see the module docstring for the conventions.
 
@@ -128,6 +128,9 @@ def evaluate_embeddings(
             CPU has native bf16 matmul, TF32-grid float32 elsewhere, float64 when similarities crowd), or
             one of ``"bf16"``, ``"tf32"``, ``"fp64"`` to force a path. Every path gives the same metrics
             (the tiles only sort pairs into sure and ambiguous; ambiguous ones are re-scored exactly).
+        return_per_query: also return ``"per_query"``: per score kind, numpy arrays over the queries of
+            ``first_positive_rank`` (0-based, ``-1`` when there is no correct match within ``max(ks)``),
+            ``average_precision`` and ``r_precision`` (fractions, AP at R) and ``num_positives`` (R).
 
     Inputs may be numpy arrays or torch tensors (any float dtype); bad inputs
     raise ``ValueError``. Returns ``{"float": {...}, "binary": {...}, "num_queries",
@@ -153,39 +156,32 @@ def evaluate_embeddings(
     symmetric = mode == "leave-one-out"
     xq = xq.to(device)
     xg = None if symmetric else xg.to(device)
-    y_gallery = yq if symmetric else yg
-    pq, pg = build_positive_pairs(yq, y_gallery, exclude_self=symmetric)
-    nq = int(xq.shape[0])
-    count = np.bincount(pq, minlength=nq)
+    groups = LabelGroups(yq, yq if symmetric else yg, exclude_self=symmetric)
     result: dict[str, Any] = {}
-
-    kinds = ["float", "binary"] if binary else ["float"]
-    pq_t = torch.from_numpy(pq).to(device)
-    pg_t = torch.from_numpy(pg).to(device)
-    for name in kinds:
-        if name == "float":
-            scorer = FloatScorer(xq, xg, device, low_precision=None if float_tiles == "auto" else float_tiles)
-        else:
-            scorer = BinaryScorer(xq, xg, device)
-        scores = scorer.exact_scores(pq_t, pg_t).cpu().numpy()
-        if (name == "float" and float_tiles == "auto" and scorer.low_precision != "fp64"
-                and _crowded(xq, xg, pq, scores, max(ks), seed)):
-            scorer = FloatScorer(xq, xg, device, low_precision="fp64")
-        pos = Positives.build(pq, pg, scores, nq, device)
-        before, active = rank_positives(scorer, pos, max(ks), symmetric=symmetric, block_size=block_size)
-        metrics = metrics_from_ranks(before, active, pos.count, ks)
-        del scorer, before, active, pos
+    per_query = {}
+    for name in ["float", "binary"] if binary else ["float"]:
+        scorer = _scorer(name, xq, xg, device, float_tiles, groups, max(ks), seed)
+        ranks = rank_queries(scorer, groups, max(ks), symmetric=symmetric, block_size=block_size)
+        del scorer
+        metrics = metrics_from_ranks(ranks, ks)
         metrics["nmi"] = _nmi(xq, yq, name, seed) if nmi else None
         result[name] = metrics
+        per_query[name] = {"first_positive_rank": ranks.first, "average_precision": ranks.ap,
+                           "r_precision": ranks.rp, "num_positives": ranks.count}
+    result.update(num_queries=int(xq.shape[0]), queries_without_positive=int((groups.count == 0).sum()), mode=mode,
+                  ks=list(ks), convention=CONVENTION)
+    if return_per_query:
+        result["per_query"] = per_query
+    return result
 
-    return {
-        **result,
-        "num_queries": nq,
-        "queries_without_positive": int((count == 0).sum()),
-        "mode": mode,
-        "ks": list(ks),
-        "convention": CONVENTION,
-    }
+
+def _scorer(name: str, xq, xg, device, float_tiles: str, groups: LabelGroups, max_k: int, seed: int):
+    if name == "binary":
+        return BinaryScorer(xq, xg, device)
+    scorer = FloatScorer(xq, xg, device, low_precision=None if float_tiles == "auto" else float_tiles)
+    if float_tiles == "auto" and scorer.low_precision != "fp64" and _crowded(scorer, groups, max_k, seed):
+        return FloatScorer(xq, xg, device, low_precision="fp64")
+    return scorer
 
 
 # Low-precision tiles leave a pair "ambiguous" (re-scored in float64 later) when its score lies within the
@@ -196,33 +192,41 @@ _CROWDED_SHARE = 0.05
 _CROWDING_BAND = 0.008
 
 
-def _crowded(xq: torch.Tensor, xg: torch.Tensor | None, pq: np.ndarray, scores: np.ndarray, max_k: int,
-             seed: int) -> bool:
-    """Estimate, from a sample of queries, whether similarities crowd within the low-precision error band.
+def _crowded(scorer: FloatScorer, groups: LabelGroups, max_k: int, seed: int) -> bool:
+    """Estimate, from a sample of queries, whether negatives crowd within the low-precision error band of
+    the positives' scores.
 
-    An untrained network gives such embeddings (all cosines within a few hundredths): evaluated with bf16
-    tiles almost every pair would need exact re-scoring (measured: 25M pairs and 3.5 GB for 5,000 images).
-    Like the ranking itself, a positive with at least max(max_k, R) gallery items surely above it is not
-    tracked, so the items near its score do not count.
+    An untrained network gives such embeddings (all cosines within a few hundredths), and so do large
+    classes of unstructured embeddings (their positives' scores cover the whole range): evaluated with bf16
+    tiles almost every negative would need exact re-scoring (measured: 25M pairs and 3.5 GB for 5,000
+    images). Like the ranking itself, a positive with at least max(max_k, R) gallery items surely above it
+    is not tracked, so the items near its score do not count.
     """
-    with_positive = np.unique(pq)
+    with_positive = np.flatnonzero(groups.count > 0)
     if len(with_positive) == 0:
         return False
     rng = np.random.default_rng(seed)
     sample = np.sort(rng.choice(with_positive, size=min(64, len(with_positive)), replace=False))
-    gallery = xq if xg is None else xg
+    xq, xg = scorer.xq, scorer.xg
     queries = xq[torch.from_numpy(sample).to(xq.device)].to(torch.float64)
     queries = queries / queries.norm(dim=1, keepdim=True).clamp_min(1e-300)
-    similar = torch.empty((len(sample), gallery.shape[0]), dtype=torch.float64)
-    for start in range(0, gallery.shape[0], 8192):
-        block = gallery[start:start + 8192].to(torch.float64)
+    similar = torch.empty((len(sample), xg.shape[0]), dtype=torch.float64)
+    for start in range(0, xg.shape[0], 8192):
+        block = xg[start:start + 8192].to(torch.float64)
         block = block / block.norm(dim=1, keepdim=True).clamp_min(1e-300)
         similar[:, start:start + 8192] = (queries @ block.T).cpu()
+    positives = []
+    for row, query in enumerate(sample.tolist()):
+        _, gallery = groups.pairs(query, query + 1)
+        positives.append(cosine_from_score(scorer.exact_scores(torch.full((len(gallery),), query, device=xq.device),
+                                                               torch.from_numpy(gallery).to(xq.device)).cpu()))
+        similar[row, torch.from_numpy(gallery)] = float("-inf")  # positives are masked, never ambiguous
+        if groups.exclude_self:
+            similar[row, query] = float("-inf")
     similar, _ = similar.sort(dim=1)
     crowding = 0
     size = similar.shape[1]
-    for row, query in enumerate(sample):
-        positive_scores = cosine_from_score(torch.from_numpy(scores[pq == query]))
+    for row, positive_scores in enumerate(positives):
         low = torch.searchsorted(similar[row], positive_scores - _CROWDING_BAND)
         high = torch.searchsorted(similar[row], positive_scores + _CROWDING_BAND, right=True)
         tracked = (size - high) < max(max_k, len(positive_scores))

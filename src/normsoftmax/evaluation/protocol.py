@@ -6,6 +6,7 @@ with query/gallery splits); see :func:`normsoftmax.evaluation.metrics.evaluate_e
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..data.images import ImageTransformConfig
@@ -16,21 +17,38 @@ from .metrics import evaluate_embeddings, format_recall_lines, nmi_by_default
 
 def evaluate_model(model: torch.nn.Module, records: DatasetRecords, transform: ImageTransformConfig, ks: list[int],
                    batch_size: int, device: torch.device, workers: int, amp: str = "none", channels_last: bool = False,
-                   nmi: bool | None = None, cache=None, progress: bool = False, binary: bool = True) -> tuple[dict, dict]:
-    """(evaluation object, embeddings by split) for the dataset's evaluation protocol."""
+                   nmi: bool | None = None, cache=None, progress: bool = False, binary: bool = True,
+                   dist=None) -> tuple[dict | None, dict | None]:
+    """(evaluation object, embeddings by split) for the dataset's evaluation protocol.
+
+    Under torchrun (``dist`` with several ranks) every rank embeds its contiguous share of each split, the
+    shares are gathered on rank 0, which ranks them; the other ranks return ``(None, None)``.
+    """
+    sharded = dist is not None and dist.world_size > 1
 
     def embed(split):
-        dataset = eval_dataset(split.paths, split.labels, transform, cache, decode=records.decode)
-        return embed_dataset(model, dataset, batch_size, device, workers, amp, channels_last, progress)
+        share = dist.shard(len(split)) if sharded else range(len(split))
+        paths, labels = [split.paths[i] for i in share], split.labels[share.start:share.stop]
+        dataset = eval_dataset(paths, labels, transform, cache, decode=records.decode)
+        embeddings = embed_dataset(model, dataset, batch_size, device, workers, amp, channels_last,
+                                   progress and (not sharded or dist.is_main))
+        if not sharded:
+            return embeddings
+        shares = dist.gather(embeddings)
+        return np.concatenate(shares) if dist.is_main else None
 
     if records.query_gallery:
         query, gallery = embed(records.query), embed(records.gallery)
+        if query is None:
+            return None, None
         use_nmi = nmi if nmi is not None else nmi_by_default(records.query.num_classes)
         result = evaluate_embeddings(query_embeddings=query, query_labels=records.query.labels, gallery_embeddings=gallery,
                                      gallery_labels=records.gallery.labels, ks=ks, nmi=use_nmi, binary=binary,
                                      device=device)
         return result, {"query": query, "gallery": gallery}
     test = embed(records.test)
+    if test is None:
+        return None, None
     use_nmi = nmi if nmi is not None else nmi_by_default(records.test.num_classes)
     result = evaluate_embeddings(test, records.test.labels, ks=ks, nmi=use_nmi, binary=binary, device=device)
     return result, {"test": test}

@@ -111,24 +111,23 @@ import numpy as np
 import torch
 
 __all__ = [
+    "LabelGroups",
     "Positives",
+    "QueryRanks",
     "build_positive_pairs",
     "FloatScorer",
     "cosine_from_score",
     "BinaryScorer",
-    "rank_positives",
+    "rank_queries",
     "metrics_from_ranks",
     "per_query_ranks",
     "default_block_size",
+    "PAIR_BUDGET",
 ]
 
 _INT32_MIN = torch.iinfo(torch.int32).min
 _INT32_MAX = torch.iinfo(torch.int32).max
 _INT64_MIN = torch.iinfo(torch.int64).min
-# Elements of (candidates x max R) handled at once in the sparse stages.
-_CHUNK_ELEMENTS = 1 << 22
-# Rows gathered at once for exact float64 re-scoring.
-_RESCORE_ROWS = 128
 # Gallery items per band in a tile scan (see _scan).
 _BAND = 256
 
@@ -150,74 +149,92 @@ def _bf16_matmul_is_fast(device: torch.device) -> bool:
 # --------------------------------------------------------------------------- positives
 
 
-def build_positive_pairs(query_labels: np.ndarray, gallery_labels: np.ndarray, exclude_self: bool):
-    """All (query, gallery) pairs with equal labels, as two int64 arrays.
+class LabelGroups:
+    """The gallery grouped by label, to list any query's positives without a query-by-gallery table.
 
-    Pairs are grouped by query (ascending) and, within a query, by gallery index
-    (ascending). With ``exclude_self`` (leave-one-out: queries are the gallery)
-    the pair (i, i) is left out.
+    ``count[q]`` is the number of positives of query q (its own image excluded in leave-one-out).
     """
-    query_labels = np.asarray(query_labels)
-    uniq, g_ids = np.unique(np.asarray(gallery_labels), return_inverse=True)
-    if len(uniq) == 0:
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty.copy()
-    order = np.argsort(g_ids.reshape(-1), kind="stable")  # gallery indices grouped by label
-    g_counts = np.bincount(g_ids.reshape(-1), minlength=len(uniq))
-    g_start = np.cumsum(g_counts) - g_counts
-    slot = np.clip(np.searchsorted(uniq, query_labels), 0, len(uniq) - 1)
-    found = uniq[slot] == query_labels
-    cnt = np.where(found, g_counts[slot], 0).astype(np.int64)
-    start = np.where(found, g_start[slot], 0).astype(np.int64)
-    pq = np.repeat(np.arange(len(query_labels), dtype=np.int64), cnt)
-    offset = np.arange(int(cnt.sum()), dtype=np.int64) - np.repeat(np.cumsum(cnt) - cnt, cnt)
-    pg = order[np.repeat(start, cnt) + offset].astype(np.int64)
-    if exclude_self:
-        keep = pq != pg
-        pq, pg = pq[keep], pg[keep]
-    return pq, pg
+
+    def __init__(self, query_labels: np.ndarray, gallery_labels: np.ndarray, exclude_self: bool):
+        query_labels = np.asarray(query_labels)
+        uniq, g_ids = np.unique(np.asarray(gallery_labels), return_inverse=True)
+        g_ids = g_ids.reshape(-1)
+        self.exclude_self = exclude_self
+        self.order = np.argsort(g_ids, kind="stable")  # gallery indices grouped by label, ascending within
+        sizes = np.bincount(g_ids, minlength=len(uniq)).astype(np.int64)
+        starts = np.cumsum(sizes) - sizes
+        if len(uniq):
+            slot = np.clip(np.searchsorted(uniq, query_labels), 0, len(uniq) - 1)
+            found = uniq[slot] == query_labels
+        else:
+            slot = np.zeros(len(query_labels), dtype=np.int64)
+            found = np.zeros(len(query_labels), dtype=bool)
+        self.gallery_label = g_ids.astype(np.int64)  # label ids shared by queries and gallery; -1: unknown
+        self.query_label = np.where(found, slot, -1).astype(np.int64)
+        self.size = np.where(found, sizes[slot] if len(uniq) else 0, 0).astype(np.int64)
+        self.start = np.where(found, starts[slot] if len(uniq) else 0, 0).astype(np.int64)
+        self.count = self.size - (1 if exclude_self else 0) * (self.size > 0)
+
+    def pairs(self, q0: int, q1: int) -> tuple[np.ndarray, np.ndarray]:
+        """Positive pairs of queries ``q0..q1-1``: (local query index, gallery index), grouped by query,
+        gallery indices ascending within a query."""
+        size = self.size[q0:q1]
+        local = np.repeat(np.arange(q1 - q0, dtype=np.int64), size)
+        offset = np.arange(int(size.sum()), dtype=np.int64) - np.repeat(np.cumsum(size) - size, size)
+        gallery = self.order[np.repeat(self.start[q0:q1], size) + offset].astype(np.int64)
+        if self.exclude_self:
+            keep = gallery != local + q0
+            local, gallery = local[keep], gallery[keep]
+        return local, gallery
+
+
+def build_positive_pairs(query_labels: np.ndarray, gallery_labels: np.ndarray, exclude_self: bool):
+    """All (query, gallery) pairs with equal labels, as two int64 arrays, grouped by query (ascending)
+    and, within a query, by gallery index (ascending)."""
+    groups = LabelGroups(query_labels, gallery_labels, exclude_self)
+    return groups.pairs(0, len(np.asarray(query_labels)))
 
 
 @dataclass
 class Positives:
-    """Positives of every query, best-ranked first, padded to ``max_r`` columns.
+    """Positives of a range of queries, best-ranked first, padded to ``max_r`` columns.
 
-    ``count[q]`` = R of query q; ``index[q, m]`` / ``score[q, m]`` = gallery index
+    ``count[q]`` = R of local query q; ``index[q, m]`` / ``score[q, m]`` = gallery index
     and exact score (the scorer's ``exact_scores``) of its m-th ranked positive
-    (``-1`` / minimum value as padding).
+    (``-1`` / minimum value as padding); ``offset`` is the first query's global index.
     """
 
     count: torch.Tensor  # (nq,) int64
     index: torch.Tensor  # (nq, max_r) int64
     score: torch.Tensor  # (nq, max_r) float64 or int64
-    pair_query: torch.Tensor  # (P,) int64, every positive pair
+    pair_query: torch.Tensor  # (P,) int64, every positive pair, local query index
     pair_gallery: torch.Tensor  # (P,) int64
+    offset: int = 0
 
     @property
     def max_r(self) -> int:
         return int(self.index.shape[1])
 
     @classmethod
-    def build(cls, pair_query, pair_gallery, score, num_queries: int, device) -> "Positives":
-        pq = np.asarray(pair_query, dtype=np.int64)
-        pg = np.asarray(pair_gallery, dtype=np.int64)
-        sc = np.asarray(score)
-        # rank order: query, then score descending, then gallery index ascending
-        order = np.lexsort((pg, -sc, pq))
-        pq, pg, sc = pq[order], pg[order], sc[order]
-        counts = np.bincount(pq, minlength=num_queries).astype(np.int64)
+    def build(cls, pair_query, pair_gallery, score, num_queries: int, device, offset: int = 0) -> "Positives":
+        """From pairs grouped by query with gallery indices ascending (as :class:`LabelGroups` lists them)."""
+        pq = torch.as_tensor(np.asarray(pair_query, dtype=np.int64), device=device)
+        pg = torch.as_tensor(np.asarray(pair_gallery, dtype=np.int64), device=device)
+        sc = torch.as_tensor(score, device=device)
+        counts = torch.bincount(pq, minlength=num_queries).to(torch.int64)
         max_r = int(counts.max()) if num_queries and len(pq) else 0
-        ptr = np.concatenate([[0], np.cumsum(counts)])
-        slot = np.arange(len(pq), dtype=np.int64) - ptr[pq]
-        index = np.full((num_queries, max_r), -1, dtype=np.int64)
+        ptr = torch.cumsum(counts, 0) - counts
+        slot = torch.arange(len(pq), dtype=torch.int64, device=device) - ptr[pq]
+        index = torch.full((num_queries, max_r), -1, dtype=torch.int64, device=device)
         index[pq, slot] = pg
-        if sc.dtype.kind == "f":
-            table = np.full((num_queries, max_r), -np.inf, dtype=np.float64)
-        else:
-            table = np.full((num_queries, max_r), np.iinfo(np.int64).min, dtype=np.int64)
-        table[pq, slot] = sc
-        as_t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device)  # noqa: E731
-        return cls(as_t(counts), as_t(index), as_t(table), as_t(pq), as_t(pg))
+        pad = float("-inf") if sc.dtype.is_floating_point else torch.iinfo(torch.int64).min
+        table = torch.full((num_queries, max_r), pad, dtype=torch.float64 if sc.dtype.is_floating_point else torch.int64,
+                           device=device)
+        table[pq, slot] = sc.to(table.dtype)
+        # rank order within a row: score descending; a stable sort keeps equal scores in gallery order
+        table, order = torch.sort(table, dim=1, descending=True, stable=True)
+        index = index.gather(1, order)
+        return cls(counts, index, table, pq, pg, offset)
 
 
 def _ordered_int(x: torch.Tensor) -> torch.Tensor:
@@ -255,6 +272,19 @@ def _round_to_tf32_grid(x: torch.Tensor) -> torch.Tensor:
     return bits.view(torch.float32)
 
 
+def canonical_rows(x: torch.Tensor) -> np.ndarray:
+    """For every row, the index of the first row with the same bytes (itself when it has no earlier twin)."""
+    x = x.detach().cpu().contiguous()
+    if x.dtype in (torch.bfloat16, torch.float16):  # numpy has no bfloat16: compare the bits
+        x = x.view(torch.int16)
+    rows = np.ascontiguousarray(x.numpy())
+    if rows.shape[0] == 0:
+        return np.zeros(0, dtype=np.int64)
+    keys = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).reshape(-1)
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    return first[inverse.reshape(-1)].astype(np.int64)
+
+
 def cosine_from_score(score: torch.Tensor) -> torch.Tensor:
     """Cosine similarity from a float exact score, to within a few float64 ulps (thresholds, not ranking)."""
     return score.sign() * score.abs().sqrt()
@@ -287,6 +317,10 @@ class FloatScorer:
         else:
             raise ValueError(f"unknown low_precision {low_precision!r}")
         self.dim = int(xq.shape[1])
+        # Pairs per exact re-scoring step: one fixed shape per evaluation (see exact_scores), large enough
+        # that the loop costs little beside the arithmetic (about 2 MB of float64 per operand).
+        self._rescore_rows = max(128, min(8192, (1 << 18) // self.dim))
+        self.num_gallery = int((xq if xg is None else xg).shape[0])
         self.xq = xq
         self.xg = xq if xg is None else xg
         self.q_codes, self.q_squared, self.q_eps = self._prepare(xq)
@@ -296,6 +330,13 @@ class FloatScorer:
             self.g_codes, self.g_squared, self.g_eps = self._prepare(xg)
         self.masked_value = float("-inf")
         self.inactive_floor = torch.tensor(float("inf"), dtype=self.tile_dtype, device=device)
+        # Identical gallery vectors must tie exactly even where their scores come from different matrix
+        # products (whose last bit depends on the product's shape): each item's first identical twin.
+        canon = canonical_rows(self.xg)
+        has_twin = np.bincount(canon, minlength=len(canon))[canon] > 1
+        self.has_duplicates = bool(has_twin.any())
+        self.canon = torch.from_numpy(canon).to(device)
+        self.has_twin = torch.from_numpy(has_twin).to(device)
 
     def _prepare(self, x: torch.Tensor):
         n = x.shape[0]
@@ -340,9 +381,11 @@ class FloatScorer:
         differs between CPUs (MKL's vector math). The score is monotone in the cosine, so it ranks exactly
         as the cosine does; where the sums are exact (integer-valued embeddings, e.g.), mathematically equal
         cosines get bitwise equal scores ((1, 1, 0) and (2, 2, 0) tie) and different ones are never
-        swapped, on every CPU. Pairs are processed in chunks of exactly ``_RESCORE_ROWS`` rows (the last
+        swapped, on every CPU. Pairs are processed in chunks of exactly ``self._rescore_rows`` rows (the last
         one padded), so every pair goes through the same arithmetic whatever the batch: identical vectors
-        always get bitwise identical scores (e.g. a negative that duplicates a positive).
+        always get bitwise identical scores (e.g. a negative that duplicates a positive): with one thread,
+        torch's sum over the last dimension does the same additions for each row whatever the number of rows
+        (a test checks this for this torch).
         """
         with _num_threads(1 if self.device.type == "cpu" else torch.get_num_threads()):
             return self._exact_scores(qi, gi)
@@ -350,7 +393,7 @@ class FloatScorer:
     def _exact_scores(self, qi: torch.Tensor, gi: torch.Tensor) -> torch.Tensor:
         n = len(qi)
         out = torch.empty(n, dtype=torch.float64, device=self.device)
-        c = _RESCORE_ROWS
+        c = self._rescore_rows
         a_in = torch.empty((c, self.dim), dtype=self.xq.dtype, device=self.device)
         b_in = torch.empty((c, self.dim), dtype=self.xg.dtype, device=self.device)
         a = torch.empty((c, self.dim), dtype=torch.float64, device=self.device)
@@ -371,10 +414,37 @@ class FloatScorer:
             out[s : s + k] = score[:k]
         return out
 
+    def block_scores(self, queries: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+        """Scores of every (query, member) pair as one float64 matrix product: the positives of a large class.
+
+        The dot products may differ from :meth:`exact_scores` in the last bits (another summation order);
+        they agree exactly where the products and sums are exact (integer-valued embeddings), and identical
+        vectors are made to tie by :meth:`equalize_duplicates` and :meth:`resolve`.
+        """
+        dots = self.xq.index_select(0, queries).to(torch.float64) @ self.xg.index_select(0, members).to(torch.float64).T
+        denominator = self.q_squared[queries][:, None] * self.g_squared[members][None, :]
+        return torch.where(denominator > 0, dots * dots.abs() / denominator, 0.0)
+
+    def equalize_duplicates(self, local: torch.Tensor, gallery: torch.Tensor, scores: torch.Tensor) -> None:
+        """Give every positive the score of its query's first identical positive, so duplicates tie exactly."""
+        if not self.has_duplicates:
+            return
+        twins = self.has_twin[gallery].nonzero().squeeze(1)
+        if twins.numel() == 0:
+            return
+        n = self.num_gallery
+        group = local[twins] * n + self.canon[gallery[twins]]
+        order = torch.argsort(group * n + gallery[twins])  # by group, then gallery index
+        sorted_group = group[order]
+        start = torch.ones_like(sorted_group, dtype=torch.bool)
+        start[1:] = sorted_group[1:] != sorted_group[:-1]
+        first = torch.cummax(torch.where(start, torch.arange(len(order), device=order.device), 0), 0).values
+        scores[twins[order]] = scores[twins[order[first]]]
+
     def set_positives(self, pos: Positives) -> None:
         self.pos = pos
         eps_g = float(self.g_eps.max()) if self.g_eps.numel() else 0.0
-        eps_q = self.q_eps
+        eps_q = self.q_eps[pos.offset: pos.offset + len(pos.count)]
         acc = 2.0 * self.dim * self._unit_roundoff * (1 + eps_q) * (1 + eps_g)
         delta = (eps_q + eps_g + 3 * eps_q * eps_g + acc + 1e-9)[:, None]  # (nq, 1)
         t = cosine_from_score(pos.score)  # (nq, R) float64, -inf padding
@@ -392,7 +462,9 @@ class FloatScorer:
         # rows are non-increasing (monotone maps of sorted scores): classify by binary search
         self._span = 1 << 32
         self._flat_up, self._stride = _row_keys(_ordered_int(self.thr_up), self._span)
-        self._flat_low, _ = _row_keys(_ordered_int(self.thr_low), self._span)
+        self._low_key = _ordered_int(self.thr_low).reshape(-1)
+        self._flat_low, _ = _row_keys(self._low_key.view(self.thr_low.shape), self._span)
+        self._neg_up = (-self.thr_up).contiguous()  # ascending rows, for whole-tile searches
         floor = self.thr_low.to(self.tile_dtype)
         too_high = floor.to(torch.float32) > self.thr_low
         floor = torch.where(too_high, torch.nextafter(floor, torch.full_like(floor, float("-inf"))), floor)
@@ -413,8 +485,31 @@ class FloatScorer:
         key = _ordered_int(val)
         w = self.pos.max_r
         m0 = _row_count(self._flat_up, self._stride, w, self._span, q, key, strict=False)
-        m1 = _row_count(self._flat_low, self._stride, w, self._span, q, key, strict=True)
+        # m1 <= m0, and m1 < m0 only when the candidate is not surely below threshold m0 - 1: a second
+        # search for those few.
+        m1 = m0.clone()
+        maybe = (m0 > 0) & (self._low_key[q * w + (m0 - 1).clamp_min(0)] <= key)
+        if bool(maybe.any()):
+            some = maybe.nonzero().squeeze(1)
+            m1[some] = _row_count(self._flat_low, self._stride, w, self._span, q[some], key[some], strict=True)
         return m0, m1
+
+    def classify_rows(self, q: torch.Tensor, values: torch.Tensor, g0: int):
+        """:meth:`classify` for whole tile rows: ``values[i, j]`` is gallery ``g0 + j`` for local query ``q[i]``.
+
+        Returns m0 for every element and the ambiguous candidates as ``(q, g, m1, m0)`` (or None).
+        """
+        v = values.to(torch.float32)
+        m0 = torch.searchsorted(self._neg_up.index_select(0, q), v.neg(), right=True)
+        low = self.thr_low.index_select(0, q).gather(1, (m0 - 1).clamp_min(0))
+        maybe = (m0 > 0) & (low <= v)
+        if not bool(maybe.any()):
+            return m0, None
+        r, c = maybe.nonzero().unbind(1)
+        qq, m0_rc = q[r], m0[r, c]
+        m1 = _row_count(self._flat_low, self._stride, self.pos.max_r, self._span, qq, _ordered_int(v[r, c]), strict=True)
+        keep = m1 < m0_rc
+        return m0, (qq[keep], (c + g0)[keep], m1[keep], m0_rc[keep])
 
     def resolve(self, q, g, m1, m0):
         """First threshold index in [m1, m0] that the exact key passes, per candidate.
@@ -424,7 +519,7 @@ class FloatScorer:
         """
         order = torch.argsort(q * self.g_codes.shape[0] + g)  # query rows stay in cache
         exact = torch.empty(len(q), dtype=torch.float64, device=self.device)
-        exact[order] = self.exact_scores(q[order], g[order])
+        exact[order] = self.exact_scores(q[order] + self.pos.offset, g[order])
         w = self.pos.max_r
         score, index = self.pos.score.reshape(-1), self.pos.index.reshape(-1)
         base = q * w
@@ -436,6 +531,8 @@ class FloatScorer:
             mid = torch.where(open_, (lo + hi) // 2, 0)
             ts, tp = score[base + mid], index[base + mid]
             above = (exact > ts) | ((exact == ts) & (g < tp))
+            if self.has_duplicates:  # an identical vector ties whatever product scored it
+                above = torch.where(self.canon[g] == self.canon[tp.clamp_min(0)], g < tp, above)
             lo = torch.where(open_ & ~above, mid + 1, lo)
             hi = torch.where(open_ & above, mid, hi)
         return lo
@@ -484,6 +581,22 @@ class BinaryScorer:
                 out[s : s + step] = a.mul_(b).sum(1, dtype=torch.int64)
         return out
 
+    def block_scores(self, queries: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+        """Exact integer scores of every (query, member) pair (float32 products of +-1 codes are exact)."""
+        a = self.q_codes.index_select(0, queries).to(torch.float32)
+        b = self.g_codes.index_select(0, members).to(torch.float32)
+        return (a @ b.T).to(torch.int64)
+
+    def equalize_duplicates(self, local, gallery, scores) -> None:
+        """Integer scores: identical codes already tie exactly."""
+
+    def classify_rows(self, q: torch.Tensor, values: torch.Tensor, g0: int):
+        """:meth:`classify` for whole tile rows; binary keys are exact, so nothing is ambiguous."""
+        n = self.num_gallery
+        columns = torch.arange(g0, g0 + values.shape[1], device=self.device)
+        key = values.to(torch.int64) * n + (n - 1 - columns)[None, :]
+        return torch.searchsorted(self._neg_key.index_select(0, q), key.neg(), right=True), None
+
     def _key(self, score: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         # larger key ranks first: higher score, then lower gallery index
         n = self.num_gallery
@@ -497,6 +610,7 @@ class BinaryScorer:
         # keys are strictly decreasing along a row and lie in [-span, span]; padding -> -span
         self._span = (self.dim + 2) * max(1, self.num_gallery)
         self._flat_key, self._stride = _row_keys(torch.where(valid, key, -self._span), self._span)
+        self._neg_key = (-torch.where(valid, key, -self._span)).contiguous()  # ascending rows
         self.floor_table = torch.where(valid, pos.score, 0).to(self.tile_dtype)
         # a tile value > top[q] (the best positive's score) surely ranks before every positive of q
         if pos.max_r:
@@ -530,16 +644,13 @@ def _num_threads(n: int):
         torch.set_num_threads(old)
 
 
-def _scan(tile: torch.Tensor, floor: torch.Tensor, top: torch.Tensor, queries_on_rows: bool):
-    """Scan a tile for one direction: queries on its rows, or on its columns.
+# A tile whose hot (query, band) segments exceed this share is classified whole, row by row.
+_DENSE_SHARE = 0.25
 
-    The gallery side is cut into bands of ``_BAND`` items; only the (query, band)
-    segments whose maximum reaches the query's floor are looked at. Returns ``None``
-    or ``(q, above, cand_q, cand_g, cand_val)`` with local indices: ``above[i]`` is
-    the number of elements ``> top`` in a segment of query ``q[i]`` (they surely rank
-    before every positive of that query), and the candidates are the elements in
-    ``[floor, top]`` (``top >= floor`` always holds).
-    """
+
+def _hot_segments(tile: torch.Tensor, floor: torch.Tensor, queries_on_rows: bool):
+    """(bands, hot): the gallery side cut into bands of ``_BAND`` items, and per (band, query) whether the
+    segment's maximum reaches the query's floor (only those can hold candidates)."""
     n_gal = tile.shape[1] if queries_on_rows else tile.shape[0]
     n_full = n_gal // _BAND * _BAND
     bands = [(g0, min(n_gal, g0 + _BAND)) for g0 in range(0, n_gal, _BAND)]
@@ -547,12 +658,20 @@ def _scan(tile: torch.Tensor, floor: torch.Tensor, top: torch.Tensor, queries_on
         band_max = [tile[:, :n_full].unflatten(1, (-1, _BAND)).amax(2)] if n_full else []
         if n_full < n_gal:
             band_max.append(tile[:, n_full:].amax(1, keepdim=True))
-        hot = (torch.cat(band_max, 1) >= floor[:, None]).T  # (bands, queries)
-    else:
-        band_max = [tile[:n_full].unflatten(0, (-1, _BAND)).amax(1)] if n_full else []
-        if n_full < n_gal:
-            band_max.append(tile[n_full:].amax(0, keepdim=True))
-        hot = torch.cat(band_max, 0) >= floor[None, :]  # (bands, queries)
+        return bands, (torch.cat(band_max, 1) >= floor[:, None]).T  # (bands, queries)
+    band_max = [tile[:n_full].unflatten(0, (-1, _BAND)).amax(1)] if n_full else []
+    if n_full < n_gal:
+        band_max.append(tile[n_full:].amax(0, keepdim=True))
+    return bands, torch.cat(band_max, 0) >= floor[None, :]  # (bands, queries)
+
+
+def _scan(tile: torch.Tensor, bands, hot: torch.Tensor, floor: torch.Tensor, top: torch.Tensor, queries_on_rows: bool):
+    """The candidates of a tile's hot segments, for one direction: queries on its rows, or on its columns.
+
+    Returns ``None`` or ``(q, above, cand_q, cand_g, cand_val)`` with local indices: ``above[i]`` is the
+    number of elements ``> top`` in a segment of query ``q[i]`` (they surely rank before every positive of
+    that query), and the candidates are the elements in ``[floor, top]`` (``top >= floor`` always holds).
+    """
     band_ids, query_ids = hot.nonzero().unbind(1)
     if band_ids.numel() == 0:
         return None
@@ -577,119 +696,385 @@ def _scan(tile: torch.Tensor, floor: torch.Tensor, top: torch.Tensor, queries_on
     return tuple(torch.cat(t) for t in zip(*parts))
 
 
-def rank_positives(scorer, pos: Positives, max_k: int, *, symmetric: bool, block_size: int):
-    """Exact number of negatives ranked before each needed positive.
+@dataclass
+class QueryRanks:
+    """Per query: R, the rank of its first correct match, average precision at R, R-precision.
 
-    Returns ``(before, active)``: ``before[q, m]`` is exact for ``m < active[q]``;
-    positives ``m >= active[q]`` are known to rank at or beyond the cap (see the
-    module docstring), which is all the metrics need. Matrix products use all
-    intra-op threads; the bookkeeping between them runs on one thread (many small
-    operations: cheaper without synchronisation, and robust when other processes
-    share the cores).
+    ``first[q]`` is the 0-based rank of the first correct match when below the recall cap, else ``-1`` (no
+    correct match, or none within the cap); ``ap`` and ``rp`` are fractions (0 for queries without a
+    correct match).
+    """
+
+    count: np.ndarray  # (nq,) int64
+    first: np.ndarray  # (nq,) int64
+    ap: np.ndarray  # (nq,) float64
+    rp: np.ndarray  # (nq,) float64
+
+
+# Padded positive slots (queries x their largest R) held at once: the evaluation's working memory grows with
+# this, not with the number of queries times the largest class (about 80 bytes a slot: 0.7 GB).
+PAIR_BUDGET = 1 << 23
+
+
+def query_chunks(count: np.ndarray, budget: int) -> list[tuple[int, int]]:
+    """Contiguous query ranges whose padded positive table (rows x largest R) fits ``budget`` slots."""
+    chunks, start, widest = [], 0, 0
+    for q, r in enumerate(count.tolist()):
+        widest_with = max(widest, r, 1)
+        if q > start and (q - start + 1) * widest_with > budget:
+            chunks.append((start, q))
+            start, widest_with = q, max(r, 1)
+        widest = widest_with
+    if len(count):
+        chunks.append((start, len(count)))
+    return chunks
+
+
+def rank_queries(scorer, groups: LabelGroups, max_k: int, *, symmetric: bool, block_size: int,
+                 budget: int | None = None) -> QueryRanks:
+    """Exact first-match rank, AP@R and R-precision of every query, a chunk of queries at a time.
+
+    Each chunk holds its queries' positives (exact scores, sorted) and counters, at most ``budget`` padded
+    slots; the tiles of a chunk cover its rows against the whole gallery (in leave-one-out, tiles inside
+    the chunk serve its rows and its columns, so a single chunk computes only half the similarity matrix).
     """
     device = scorer.device
-    nq = int(pos.count.shape[0])
-    ng = int(scorer.g_codes.shape[0])
-    max_r = pos.max_r
+    budget = budget or PAIR_BUDGET
+    nq = len(groups.count)
+    first = np.full(nq, -1, dtype=np.int64)
+    ap = np.zeros(nq, dtype=np.float64)
+    rp = np.zeros(nq, dtype=np.float64)
+    threads = torch.get_num_threads()
+    num_gallery = len(groups.gallery_label)
+    for c0, c1 in query_chunks(groups.count, budget):
+        if groups.count[c0:c1].mean() * DENSE_CLASS_RATIO >= num_gallery:
+            # Classes so large that most of each row would be candidates anyway: sort whole rows instead.
+            f, ap[c0:c1], rp[c0:c1] = _rank_dense(scorer, groups, c0, c1, budget, threads)
+            first[c0:c1] = np.where(f < max_k, f, -1)
+            continue
+        local, gallery = groups.pairs(c0, c1)
+        scores = _positive_scores(scorer, groups, c0, c1, local, gallery)
+        pos = Positives.build(local, gallery, scores, c1 - c0, device, offset=c0)
+        del local, gallery, scores
+        with _num_threads(1 if device.type == "cpu" else threads):
+            before, active = _rank_chunk(scorer, pos, max_k, symmetric, block_size, threads)
+        f, a, r = per_query_ranks(before, active, pos.count)
+        first[c0:c1], ap[c0:c1], rp[c0:c1] = f.cpu().numpy(), a.cpu().numpy(), r.cpu().numpy()
+        del pos, before, active
+    return QueryRanks(groups.count.copy(), first, ap, rp)
+
+
+# A chunk whose queries have on average at least 1/DENSE_CLASS_RATIO of the gallery as positives is ranked
+# by sorting whole rows (as a brute force would): counting against thresholds gains nothing there.
+DENSE_CLASS_RATIO = 64
+
+
+def _rank_dense(scorer, groups: LabelGroups, c0: int, c1: int, budget: int, threads: int):
+    """First rank, AP@R and R-precision of queries c0..c1-1 from whole rows of scores.
+
+    Scores come from one matrix product per block of rows (:meth:`block_scores`); identical gallery vectors
+    get their first twin's score. A positive's rank is the number of scores above it, found in the row
+    sorted by value (a vectorised sort, far faster than an index sort), plus, where scores tie exactly,
+    the tied items of lower gallery index (those rows are ranked by a stable index sort instead).
+    """
+    device = scorer.device
+    num_gallery = len(groups.gallery_label)
+    members = torch.arange(num_gallery, device=device)
+    step = max(1, budget // max(1, num_gallery))
+    out = []
+    for r0 in range(c0, c1, step):
+        r1 = min(c1, r0 + step)
+        queries = torch.arange(r0, r1, device=device)
+        with _num_threads(threads):
+            scores = scorer.block_scores(queries, members)
+            if getattr(scorer, "has_duplicates", False):
+                scores = scores[:, scorer.canon]
+            if not scores.dtype.is_floating_point:  # integer scores: fold the gallery order in, no ties left
+                scores = scores * num_gallery + (num_gallery - 1 - members)[None, :]
+            if groups.exclude_self:  # below everything: never counted above a positive
+                lowest = torch.finfo(scores.dtype).min if scores.dtype.is_floating_point else torch.iinfo(scores.dtype).min
+                scores[torch.arange(r1 - r0, device=device), queries] = lowest
+            local, gallery = groups.pairs(r0, r1)
+            count = torch.from_numpy(groups.count[r0:r1]).to(device)
+            slot = torch.arange(len(local), device=device) - torch.from_numpy(np.repeat(np.cumsum(groups.count[r0:r1]) - groups.count[r0:r1], groups.count[r0:r1])).to(device)
+            local_t, gallery_t = torch.from_numpy(local).to(device), torch.from_numpy(gallery).to(device)
+            positive = torch.full((r1 - r0, max(1, int(count.max()) if len(count) else 1)), 0, dtype=scores.dtype,
+                                  device=device)
+            positive[local_t, slot] = scores[local_t, gallery_t]
+            at_most, below = _count_at_most(scores, positive, threads)
+            rank = num_gallery - at_most  # scores strictly above
+            valid = torch.arange(positive.shape[1], device=device)[None, :] < count[:, None]
+            tied_rows = ((at_most - below > 1) & valid).any(1).nonzero().squeeze(1)
+            if tied_rows.numel():
+                rank[tied_rows] = _tied_ranks(scores[tied_rows], positive.shape[1], local_t, gallery_t, tied_rows)
+            del scores
+        rank = torch.from_numpy(np.sort(torch.where(valid, rank, torch.iinfo(torch.int64).max).cpu().numpy(), axis=1)).to(device)
+        position = torch.arange(rank.shape[1], device=device)[None, :]
+        within = valid & (rank < count[:, None])
+        r = count.clamp_min(1).to(torch.float64)
+        first = torch.where(count > 0, rank[:, 0], -1)
+        ap = torch.where(within, (position + 1).to(torch.float64) / (rank + 1).to(torch.float64), 0.0).sum(1) / r
+        rp = within.sum(1).to(torch.float64) / r
+        out.append((first, ap, rp))
+    first, ap, rp = (torch.cat(parts).cpu().numpy() for parts in zip(*out))
+    return first, ap, rp
+
+
+def _count_at_most(scores: torch.Tensor, values: torch.Tensor, threads: int):
+    """Per row: how many scores are ``<=`` and ``<`` each value. Rows are sorted by numpy's vectorised sort
+    and searched with sorted needles (walking the row once rather than probing it at random), on
+    ``threads`` threads: numpy releases the GIL for both."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rows = scores.cpu().numpy()
+    needles = values.cpu().numpy()
+    at_most = np.empty(needles.shape, dtype=np.int64)
+    below = np.empty(needles.shape, dtype=np.int64)
+
+    def work(lo: int, hi: int) -> None:
+        for i in range(lo, hi):
+            row = np.sort(rows[i])
+            order = np.argsort(needles[i])
+            wanted = needles[i, order]
+            at_most[i, order] = np.searchsorted(row, wanted, side="right")
+            below[i, order] = np.searchsorted(row, wanted, side="left")
+
+    if threads <= 1 or rows.size < (1 << 20):  # small: starting threads costs more than it saves
+        work(0, rows.shape[0])
+    else:
+        edges = np.linspace(0, rows.shape[0], threads + 1).astype(int)
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            list(pool.map(work, edges[:-1], edges[1:]))
+    return torch.from_numpy(at_most).to(scores.device), torch.from_numpy(below).to(scores.device)
+
+
+def _tied_ranks(scores: torch.Tensor, width: int, local: torch.Tensor, gallery: torch.Tensor, rows: torch.Tensor):
+    """Exact ranks of the positives of ``rows`` (with exact ties) by a stable sort: ties in gallery order."""
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    position = torch.empty_like(order)
+    position.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order).contiguous())
+    ranks = torch.zeros((len(rows), width), dtype=torch.int64, device=order.device)
+    lookup = torch.full((int(local.max()) + 1 if len(local) else 1,), -1, dtype=torch.int64, device=order.device)
+    lookup[rows] = torch.arange(len(rows), device=order.device)
+    which = lookup[local]
+    pick = which >= 0
+    slot = torch.arange(len(local), device=order.device)
+    counts = torch.bincount(local, minlength=int(local.max()) + 1 if len(local) else 1)
+    slot = slot - (torch.cumsum(counts, 0) - counts)[local]
+    ranks[which[pick], slot[pick]] = position[which[pick], gallery[pick]]
+    return ranks
+
+
+# Classes at least this large have their positives scored as one matrix product per class.
+_BLOCK_CLASS = 64
+
+
+def _positive_scores(scorer, groups: LabelGroups, c0: int, c1: int, local: np.ndarray, gallery: np.ndarray):
+    """Exact scores of the chunk's positive pairs (in the pairs' order): large classes by matrix products,
+    the rest pair by pair."""
+    device = scorer.device
+    local_t, gallery_t = torch.from_numpy(local).to(device), torch.from_numpy(gallery).to(device)
+    count = groups.count[c0:c1]
+    big = groups.size[c0:c1] >= _BLOCK_CLASS
+    if not big.any():
+        scores = scorer.exact_scores(local_t + c0, gallery_t)
+    else:
+        ptr = np.cumsum(count) - count
+        small_pairs = torch.from_numpy(~np.repeat(big, count)).to(device)
+        scores = torch.empty(len(local), dtype=torch.float64 if scorer.kind == "float" else torch.int64, device=device)
+        if bool(small_pairs.any()):
+            scores[small_pairs] = scorer.exact_scores(local_t[small_pairs] + c0, gallery_t[small_pairs])
+        big_queries = np.flatnonzero(big)
+        for start in np.unique(groups.start[c0:c1][big_queries]):
+            queries = big_queries[groups.start[c0:c1][big_queries] == start]
+            members = groups.order[start:start + groups.size[c0 + queries[0]]]
+            block = scorer.block_scores(torch.from_numpy(queries + c0).to(device), torch.from_numpy(members).to(device))
+            if groups.exclude_self:  # drop each query's own column, keeping the others in gallery order
+                keep = torch.ones(block.shape, dtype=torch.bool, device=device)
+                keep[torch.arange(len(queries), device=device),
+                     torch.from_numpy(np.searchsorted(members, queries + c0)).to(device)] = False
+                block = block[keep].view(len(queries), -1)
+            slots = torch.from_numpy(ptr[queries]).to(device)[:, None] + torch.arange(block.shape[1], device=device)
+            scores[slots.reshape(-1)] = block.reshape(-1)
+    scorer.equalize_duplicates(local_t, gallery_t, scores)
+    return scores
+
+
+def _gallery_blocks(pos: Positives, num_gallery: int, block_size: int, symmetric: bool) -> list[tuple[int, int, bool]]:
+    """(start, end, inside) gallery blocks: in leave-one-out the chunk's own rows are blocks of their own."""
+    c0, c1 = pos.offset, pos.offset + len(pos.count)
+    spans = [(c0, c1, True), (0, c0, False), (c1, num_gallery, False)] if symmetric else [(0, num_gallery, False)]
+    blocks = []
+    for lo, hi, inside in spans:
+        blocks += [(g, min(hi, g + block_size), inside) for g in range(lo, hi, block_size)]
+    return sorted(blocks)
+
+
+def _rank_chunk(scorer, pos: Positives, max_k: int, symmetric: bool, block_size: int, threads: int):
+    """Exact number of negatives ranked before each needed positive of the chunk's queries.
+
+    Returns ``(before, active)``: ``before[q, m]`` is exact for ``m < active[q]``; positives ``m >= active[q]``
+    are known to rank at or beyond the cap (see the module docstring), which is all the metrics need. The
+    loop is long because every tile is used twice in leave-one-out (its rows and, mirrored, its columns)
+    and both uses share the counters; its steps are the helpers below.
+    """
+    device = scorer.device
+    nq, max_r, c0 = len(pos.count), pos.max_r, pos.offset
     scorer.set_positives(pos)
     if nq == 0 or max_r == 0:
         zeros = torch.zeros((nq, max_r), dtype=torch.int64, device=device)
         return zeros, torch.zeros(nq, dtype=torch.int64, device=device)
-    threads = torch.get_num_threads()
-    with _num_threads(1 if device.type == "cpu" else threads):
-        return _rank_loop(scorer, pos, max_k, symmetric, block_size, nq, ng, max_r, threads)
-
-
-def _rank_loop(scorer, pos, max_k, symmetric, block_size, nq, ng, max_r, threads):
-    device = scorer.device
-    ar = torch.arange(max_r, device=device)
-    r_col = pos.count[:, None]
-    cap = torch.where(ar[None, :] < r_col, r_col - ar[None, :], 0)
-    cap[:, 0] = torch.where(pos.count > 0, torch.clamp(pos.count, min=max_k), 0)
-
-    hist = torch.zeros((nq, max_r + 1), dtype=torch.int32, device=device)
-    active = (cap > 0).sum(1)
-    floor_table = scorer.floor_table
-    top = scorer.top
-    inactive = scorer.inactive_floor
-
-    def floors_of(q, m):
-        f = floor_table[q, (m - 1).clamp_min(0)]
-        return torch.where(m > 0, f, inactive)
-
-    floor = floors_of(torch.arange(nq, device=device), active)
-    ambiguous = []  # (q, g, m1, m0) chunks
-
-    # Same-label pairs are not negatives: they are masked in their tile.
+    state = _ChunkState(scorer, pos, max_k)
     b = block_size
-    nbq, nbg = (nq + b - 1) // b, (ng + b - 1) // b
-    pq, pg = pos.pair_query, pos.pair_gallery
-    bq, bg = pq // b, pg // b
-    if symmetric:
-        keep = bq <= bg
-        pq, pg, bq, bg = pq[keep], pg[keep], bq[keep], bg[keep]
-    tile_id = bq * nbg + bg
-    order = torch.argsort(tile_id)
-    pq, pg, tile_id = pq[order], pg[order], tile_id[order]
-    tile_bounds = torch.searchsorted(tile_id, torch.arange(nbq * nbg + 1, device=device)).tolist()
-    masked = None
-
-    def consume(q0: int, g0: int, got):
-        rows, above, cq, cg, v = got
-        q = rows + q0
-        hist[:, 0].index_add_(0, q, above)
-        if len(cq):
-            cq, cg = cq + q0, cg + g0
-            m0, m1 = scorer.classify(cq, cg, v)
-            hist.index_put_((cq, m0), torch.ones(1, dtype=torch.int32, device=device).expand(len(cq)),
-                            accumulate=True)
-            amb = m1 < m0
-            if bool(amb.any()):
-                ambiguous.append((cq[amb], cg[amb], m1[amb], m0[amb]))
-        sure = hist[q].cumsum(1)[:, :max_r]
-        act = (sure < cap[q]).sum(1)
-        active[q] = act
-        floor[q] = floors_of(q, act)
-
-    for i in range(nbq):
-        qs = slice(i * b, min(nq, (i + 1) * b))
-        for j in range(i if symmetric else 0, nbg):
-            gs = slice(j * b, min(ng, (j + 1) * b))
-            do_rows = bool((floor[qs] != inactive).any())
-            do_cols = symmetric and j != i and bool((floor[gs] != inactive).any())
+    row_blocks = [(q, min(c0 + nq, q + b)) for q in range(c0, c0 + nq, b)]
+    gallery_blocks = _gallery_blocks(pos, scorer.num_gallery, b, symmetric)
+    masks = _TileMasks(pos, row_blocks, gallery_blocks)
+    for i, (q_lo, q_hi) in enumerate(row_blocks):
+        for j, (g_lo, g_hi, inside) in enumerate(gallery_blocks):
+            mirrored = symmetric and inside
+            if mirrored and g_lo < q_lo:
+                continue  # this tile was computed as (g, q) and its columns served these rows
+            do_rows = state.any_active(q_lo - c0, q_hi - c0)
+            do_cols = mirrored and g_lo != q_lo and state.any_active(g_lo - c0, g_hi - c0)
             if not (do_rows or do_cols):
                 continue
             with _num_threads(threads):
-                tile = scorer.tile(qs, gs)
-            if masked is None:
-                masked = torch.tensor(scorer.masked_value, dtype=tile.dtype, device=device)
-            t0, t1 = tile_bounds[i * nbg + j], tile_bounds[i * nbg + j + 1]
-            if t1 > t0:
-                tile.index_put_((pq[t0:t1] - qs.start, pg[t0:t1] - gs.start), masked)
-            if symmetric and i == j:
-                tile.diagonal().fill_(masked)
+                tile = scorer.tile(slice(q_lo, q_hi), slice(g_lo, g_hi))
+            masks.apply(tile, i, j, scorer.masked_value, diagonal=mirrored and g_lo == q_lo)
             if do_rows:
-                got = _scan(tile, floor[qs], top[qs], queries_on_rows=True)
-                if got is not None:
-                    consume(qs.start, gs.start, got)
+                state.scan(tile, q_lo - c0, q_hi - c0, g_lo, queries_on_rows=True)
             if do_cols:
-                got = _scan(tile, floor[gs], top[gs], queries_on_rows=False)
-                if got is not None:
-                    consume(gs.start, qs.start, got)
-        if len(ambiguous) > 64:
-            ambiguous[:] = [_prune_ambiguous(ambiguous, active)]
+                state.scan(tile, g_lo - c0, g_hi - c0, q_lo, queries_on_rows=False)
+        state.prune()
+    return state.finish()
 
-    before = hist.cumsum(1, dtype=torch.int64)[:, :max_r]
-    if ambiguous:
-        q, g, m1, m0 = _prune_ambiguous(ambiguous, active)
-        if len(q):
-            m_star = scorer.resolve(q, g, m1, m0)
-            diff = torch.zeros((nq, max_r + 1), dtype=torch.int64, device=device)
-            one = torch.ones(len(q), dtype=torch.int64, device=device)
-            diff.index_put_((q, m_star), one, accumulate=True)
-            diff.index_put_((q, m0), -one, accumulate=True)
-            before += diff.cumsum(1)[:, :max_r]
-    return before, active
+
+class _TileMasks:
+    """Same-label pairs are not negatives: the positive pairs of each tile, to mask in it."""
+
+    def __init__(self, pos: Positives, row_blocks, gallery_blocks):
+        device = pos.count.device
+        self.num_gallery_blocks = len(gallery_blocks)
+        q = pos.pair_query + pos.offset
+        g = pos.pair_gallery
+        row_starts = torch.tensor([lo for lo, _ in row_blocks], dtype=torch.int64, device=device)
+        gallery_starts = torch.tensor([lo for lo, _, _ in gallery_blocks], dtype=torch.int64, device=device)
+        i = torch.searchsorted(row_starts, q, right=True) - 1
+        j = torch.searchsorted(gallery_starts, g, right=True) - 1
+        tile_id = i * self.num_gallery_blocks + j
+        # Pairs come in ascending runs (per query, gallery ascending): a stable merge sort is nearly linear.
+        order = torch.from_numpy(np.argsort(tile_id.cpu().numpy(), kind="stable")).to(device)
+        self.q, self.g, tile_id = q[order], g[order], tile_id[order]
+        self.row_starts, self.gallery_starts = row_starts.tolist(), gallery_starts.tolist()
+        self.bounds = torch.searchsorted(tile_id, torch.arange(len(row_blocks) * self.num_gallery_blocks + 1,
+                                                               device=device)).tolist()
+        self._masked = None
+
+    def apply(self, tile: torch.Tensor, i: int, j: int, masked_value, diagonal: bool) -> None:
+        if self._masked is None:
+            self._masked = torch.tensor(masked_value, dtype=tile.dtype, device=tile.device)
+        t0, t1 = self.bounds[i * self.num_gallery_blocks + j], self.bounds[i * self.num_gallery_blocks + j + 1]
+        if t1 > t0:
+            tile.index_put_((self.q[t0:t1] - self.row_starts[i], self.g[t0:t1] - self.gallery_starts[j]), self._masked)
+        if diagonal:
+            tile.diagonal().fill_(self._masked)
+
+
+class _ChunkState:
+    """Per query of a chunk: counts of negatives surely before each positive, caps, floors, ambiguities.
+
+    Tables are stored threshold-major (``[m, q]``): the running sums over thresholds are then vector adds
+    across queries, many times faster than row-wise cumulative sums.
+    """
+
+    def __init__(self, scorer, pos: Positives, max_k: int):
+        device = scorer.device
+        nq, max_r = len(pos.count), pos.max_r
+        self.scorer, self.max_r, self.device = scorer, max_r, device
+        ar = torch.arange(max_r, device=device)[:, None]
+        r_row = pos.count[None, :]
+        self.cap = torch.where(ar < r_row, r_row - ar, 0)  # [m, q]
+        self.cap[0] = torch.where(pos.count > 0, torch.clamp(pos.count, min=max_k), 0)
+        self.hist = torch.zeros((max_r + 1, nq), dtype=torch.int32, device=device)  # [m, q]
+        self.active = (self.cap > 0).sum(0)
+        self.top = scorer.top
+        self.floor = self._floors(torch.arange(nq, device=device), self.active)
+        self.ambiguous = []  # (q, g, m1, m0) chunks
+        self._one = torch.ones(1, dtype=torch.int32, device=device)
+
+    def _floors(self, q, m):
+        f = self.scorer.floor_table[q, (m - 1).clamp_min(0)]
+        return torch.where(m > 0, f, self.scorer.inactive_floor)
+
+    def any_active(self, lo: int, hi: int) -> bool:
+        return bool((self.floor[lo:hi] != self.scorer.inactive_floor).any())
+
+    def scan(self, tile: torch.Tensor, q_lo: int, q_hi: int, g0: int, queries_on_rows: bool) -> None:
+        """Count one direction of a tile for local queries ``q_lo..q_hi-1`` against gallery ``g0 + j``."""
+        rows = slice(q_lo, q_hi)
+        bands, hot = _hot_segments(tile, self.floor[rows], queries_on_rows)
+        if hot.numel() and float(hot.sum()) > _DENSE_SHARE * hot.numel():
+            self.consume_dense(q_lo, g0, tile if queries_on_rows else tile.T, q_hi - q_lo)
+        else:
+            got = _scan(tile, bands, hot, self.floor[rows], self.top[rows], queries_on_rows)
+            self.consume(q_lo, g0, got, q_hi - q_lo)
+
+    def consume_dense(self, q0: int, g0: int, values: torch.Tensor, rows: int) -> None:
+        """Classify every element of the live rows at once (queries on rows): cheaper when most are candidates.
+
+        Elements below a query's floor land on thresholds it no longer tracks, where they change nothing.
+        """
+        live = (self.floor[q0:q0 + rows] != self.scorer.inactive_floor).nonzero().squeeze(1)
+        q = live + q0
+        m0, ambiguous = self.scorer.classify_rows(q, values.index_select(0, live), g0)
+        flat = (m0 * self.hist.shape[1] + q[:, None]).reshape(-1)
+        self.hist.view(-1).index_add_(0, flat, self._one.expand(flat.numel()))
+        if ambiguous is not None and len(ambiguous[0]):
+            self.ambiguous.append(ambiguous)
+        self._retire(q0, rows)
+
+    def consume(self, q0: int, g0: int, got, rows: int) -> None:
+        """Count a scanned tile's results for local queries ``q0..q0+rows-1`` against gallery ``g0 + columns``."""
+        if got is None:
+            return
+        hot, above, cq, cg, v = got
+        self.hist[0].index_add_(0, hot + q0, above)
+        if len(cq):
+            cq, cg = cq + q0, cg + g0
+            m0, m1 = self.scorer.classify(cq, cg, v)
+            self.hist.index_put_((m0, cq), self._one.expand(len(cq)), accumulate=True)
+            amb = m1 < m0
+            if bool(amb.any()):
+                self.ambiguous.append((cq[amb], cg[amb], m1[amb], m0[amb]))
+        self._retire(q0, rows)
+
+    def _retire(self, q0: int, rows: int) -> None:
+        """Retire thresholds whose count reached its cap: only the active ones can change."""
+        span = slice(q0, q0 + rows)
+        width = int(self.active[span].max())
+        if width == 0:
+            return
+        sure = self.hist[:width, span].cumsum(0, dtype=torch.int32)
+        act = (sure < self.cap[:width, span]).sum(0)
+        self.active[span] = act
+        self.floor[span] = self._floors(torch.arange(q0, q0 + rows, device=self.device), act)
+
+    def prune(self) -> None:
+        if len(self.ambiguous) > 64:
+            self.ambiguous[:] = [_prune_ambiguous(self.ambiguous, self.active)]
+
+    def finish(self):
+        before = self.hist.cumsum(0, dtype=torch.int64)[:self.max_r].T
+        if self.ambiguous:
+            q, g, m1, m0 = _prune_ambiguous(self.ambiguous, self.active)
+            if len(q):
+                m_star = self.scorer.resolve(q, g, m1, m0)
+                diff = torch.zeros((self.max_r + 1, len(self.active)), dtype=torch.int64, device=self.device)
+                one = torch.ones(len(q), dtype=torch.int64, device=self.device)
+                diff.index_put_((m_star, q), one, accumulate=True)
+                diff.index_put_((m0, q), -one, accumulate=True)
+                before = before + diff.cumsum(0)[:self.max_r].T
+        return before, self.active
 
 
 def _prune_ambiguous(chunks, active):
@@ -708,18 +1093,17 @@ def _prune_ambiguous(chunks, active):
 def per_query_ranks(before: torch.Tensor, active: torch.Tensor, count: torch.Tensor):
     """Per query: rank of the first correct match, average precision at R, R-precision.
 
-    The first rank is exact when below the recall cap and ``int64`` max when the query
-    has no correct match or its first one ranks at or beyond the cap; AP and
-    R-precision are fractions (0 for queries without a correct match).
+    The first rank is exact when below the recall cap and ``-1`` when the query has no correct match or
+    its first one ranks at or beyond the cap; AP and R-precision are fractions (0 for queries without a
+    correct match).
     """
     nq = int(count.shape[0])
     max_r = before.shape[1]
     has = count > 0
-    big = torch.iinfo(torch.int64).max
     if max_r == 0:
         zero = torch.zeros(nq, dtype=torch.float64, device=count.device)
-        return torch.full((nq,), big, dtype=torch.int64, device=count.device), zero, zero.clone()
-    first = torch.where(has & (active > 0), before[:, 0], big)
+        return torch.full((nq,), -1, dtype=torch.int64, device=count.device), zero, zero.clone()
+    first = torch.where(has & (active > 0), before[:, 0], -1)
     m = torch.arange(max_r, device=count.device)[None, :]
     position = m + before  # 0-based rank of the m-th positive (valid where m < active)
     relevant = (m < active[:, None]) & (position < count[:, None])
@@ -729,19 +1113,19 @@ def per_query_ranks(before: torch.Tensor, active: torch.Tensor, count: torch.Ten
     return first, ap, rp
 
 
-def metrics_from_ranks(before: torch.Tensor, active: torch.Tensor, count: torch.Tensor, ks) -> dict:
+def metrics_from_ranks(ranks: QueryRanks, ks) -> dict:
     """Recall@K (percent of all queries), MAP@R and R-precision (percent, over queries with R > 0)."""
-    nq = int(count.shape[0])
-    first, ap, rp = per_query_ranks(before, active, count)
+    nq = len(ranks.count)
     out = {}
+    found = ranks.first >= 0
     for k in ks:
-        out[f"recall@{k}"] = 100.0 * int((first < k).sum()) / nq if nq else 0.0
-    has = count > 0
+        out[f"recall@{k}"] = 100.0 * int((found & (ranks.first < k)).sum()) / nq if nq else 0.0
+    has = ranks.count > 0
     n_has = int(has.sum())
     if n_has == 0:
         out["map@r"] = None
         out["r_precision"] = None
     else:
-        out["map@r"] = 100.0 * float(ap[has].sum()) / n_has
-        out["r_precision"] = 100.0 * float(rp[has].sum()) / n_has
+        out["map@r"] = 100.0 * float(ranks.ap[has].sum()) / n_has
+        out["r_precision"] = 100.0 * float(ranks.rp[has].sum()) / n_has
     return out

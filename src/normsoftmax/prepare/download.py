@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..files import atomic_write
+
 log = logging.getLogger(__name__)
 
 USER_AGENT = "normsoftmax-prepare/0.1 (+python-urllib)"
@@ -97,40 +99,87 @@ def download(url: str, dest: str | os.PathLike, *, sha256: str | None = None, md
     ``retries`` is the number of failed attempts tolerated after the first one;
     an attempt that extends the partial file beyond anything received before
     does not count as a failure, so a flaky but progressing connection finishes.
-    Raises :class:`ChecksumError` on a size/digest mismatch and
-    :class:`DownloadError` on a permanent failure (e.g. HTTP 404) or when the
-    retries are used up; the partial file is kept for the next run in the latter case.
+    A file that fails verification after a *resumed* transfer is fetched once
+    more from the first byte (a changed file on a server without validators can
+    be spliced onto an old partial file) before giving up. Raises
+    :class:`ChecksumError` on a size/digest mismatch and :class:`DownloadError`
+    on a permanent failure (e.g. HTTP 404) or when the retries are used up; the
+    partial file is kept for the next run in the latter case.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     meta_path = dest.with_name(dest.name + ".part.json")
-
     source_path = dest.with_name(dest.name + ".source.json")
-    if dest.is_file():
-        if sha256 or md5 or size:
-            digests = file_digests(dest, progress=progress, desc=f"verifying {dest.name}")
-            problems = verify_digests(digests, sha256, md5, size)
-            if not problems:
-                log.info("%s already downloaded and verified", dest)
-                return DownloadResult(dest, url, int(digests["size"]), str(digests["sha256"]), str(digests["md5"]),
-                                      attempts=0, reused=True)
-            moved = _move_aside(dest)
-            log.warning("%s exists but does not verify (%s); moved it to %s and downloading again",
-                        dest, "; ".join(problems), moved)
-        elif _read_meta(source_path).get("url") == url:
-            # Nothing to verify against: a finished download from the same URL is reused as it is.
-            digests = file_digests(dest, progress=progress, desc=f"hashing {dest.name}")
+    reused = _reuse_existing(dest, url, source_path, sha256, md5, size, progress)
+    if reused is not None:
+        return reused
+
+    def fetch() -> DownloadResult:
+        return _fetch(url, part, meta_path, retries, backoff, max_backoff, timeout, chunk_size, progress, sleep)
+
+    result = fetch()
+    # One pass over the finished file: the network, not hashing, is the bottleneck for these archives.
+    digests = file_digests(part, progress=False)
+    problems = verify_digests(digests, sha256, md5, size)
+    if problems and result.resumed:
+        log.warning("%s: the resumed download does not verify (%s); fetching it once more from the first byte",
+                    url, "; ".join(problems))
+        part.unlink(missing_ok=True)
+        meta_path.unlink(missing_ok=True)
+        attempts = result.attempts
+        result = fetch()
+        result.attempts += attempts
+        result.notes.append("fetched again from scratch after a resumed transfer failed verification")
+        digests = file_digests(part, progress=False)
+        problems = verify_digests(digests, sha256, md5, size)
+    if problems:
+        moved = _move_aside(part)
+        meta_path.unlink(missing_ok=True)
+        raise ChecksumError(f"{url}: the downloaded file does not verify ({'; '.join(problems)}). "
+                            f"It was NOT extracted and was moved aside to {moved}; delete it, or check the URL "
+                            f"and --sha256 and run again.", path=dest, moved_to=moved)
+    os.replace(part, dest)
+    meta_path.unlink(missing_ok=True)
+    _write_meta(source_path, {"url": url, "sha256": digests["sha256"]})
+    result.size, result.sha256, result.md5 = int(digests["size"]), str(digests["sha256"]), str(digests["md5"])
+    if not (sha256 or md5):
+        log.info("%s: no checksum to verify against; its SHA-256 is %s", dest.name, result.sha256)
+    return result
+
+
+def _reuse_existing(dest: Path, url: str, source_path: Path, sha256, md5, size, progress: bool) -> DownloadResult | None:
+    """The finished ``dest`` when it verifies (or, with nothing to verify, came from ``url``); else clear it."""
+    if not dest.is_file():
+        return None
+    if sha256 or md5 or size:
+        digests = file_digests(dest, progress=progress, desc=f"verifying {dest.name}")
+        problems = verify_digests(digests, sha256, md5, size)
+        if not problems:
+            log.info("%s already downloaded and verified", dest)
             return DownloadResult(dest, url, int(digests["size"]), str(digests["sha256"]), str(digests["md5"]),
                                   attempts=0, reused=True)
-        else:
-            log.info("%s came from another URL; downloading it again", dest)
-            dest.unlink()
+        moved = _move_aside(dest)
+        log.warning("%s exists but does not verify (%s); moved it to %s and downloading again",
+                    dest, "; ".join(problems), moved)
+    elif _read_meta(source_path).get("url") == url:
+        # Nothing to verify against: a finished download from the same URL is reused as it is.
+        digests = file_digests(dest, progress=progress, desc=f"hashing {dest.name}")
+        return DownloadResult(dest, url, int(digests["size"]), str(digests["sha256"]), str(digests["md5"]),
+                              attempts=0, reused=True)
+    else:
+        log.info("%s came from another URL; downloading it again", dest)
+        dest.unlink()
+    return None
 
+
+def _fetch(url: str, part: Path, meta_path: Path, retries: int, backoff: float, max_backoff: float, timeout: float,
+           chunk_size: int, progress: bool, sleep: Callable[[float], None]) -> DownloadResult:
+    """Attempts until ``part`` holds the whole file; retries transient failures with exponential back-off."""
     failures = 0
     attempts = 0
     best = part.stat().st_size if part.exists() else 0  # the most bytes ever held in the partial file
-    result = DownloadResult(dest, url, 0, "", "")
+    result = DownloadResult(part, url, 0, "", "")
     while True:
         attempts += 1
         try:
@@ -153,25 +202,9 @@ def download(url: str, dest: str | os.PathLike, *, sha256: str | None = None, md
             log.warning("%s: %s; retry %d of %d in %.1f s", url, error, failures, retries, delay)
             sleep(delay)
             continue
-        break
-
-    result.attempts = attempts
-    # One pass over the finished file: the network, not hashing, is the bottleneck for these archives.
-    digests = file_digests(part, progress=False)
-    problems = verify_digests(digests, sha256, md5, size)
-    if problems:
-        moved = _move_aside(part)
-        meta_path.unlink(missing_ok=True)
-        raise ChecksumError(f"{url}: the downloaded file does not verify ({'; '.join(problems)}). "
-                            f"It was NOT extracted and was moved aside to {moved}; delete it, or check the URL "
-                            f"and --sha256 and run again.", path=dest, moved_to=moved)
-    os.replace(part, dest)
-    meta_path.unlink(missing_ok=True)
-    _write_meta(source_path, {"url": url, "sha256": digests["sha256"]})
-    result.size, result.sha256, result.md5 = int(digests["size"]), str(digests["sha256"]), str(digests["md5"])
-    if not (sha256 or md5):
-        log.info("%s: no checksum to verify against; its SHA-256 is %s", dest.name, result.sha256)
-    return result
+        result.attempts = attempts
+        result.path = part.with_name(part.name[: -len(".part")])
+        return result
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -198,22 +231,39 @@ def _attempt(url: str, part: Path, meta_path: Path, timeout: float, chunk_size: 
     if offset and meta.get("url") != url:
         log.info("%s was started from another URL; starting over", part.name)
         offset = 0
+    response = _request(url, part, offset, meta, timeout, result)
+    if response is None:
+        return  # the partial file already holds every byte
+    with response:
+        offset, total, mode = _resume_point(response, url, part, offset, meta, result)
+        headers = response.headers
+        _write_meta(meta_path, {"url": url, "etag": headers.get("ETag"), "last_modified": headers.get("Last-Modified"),
+                                "total": total})
+        received = _receive(response, part, mode, offset, total, chunk_size, progress)
+    if total is not None and received < total:
+        raise _Transient(f"connection closed at byte {received} of {total}")
+    if total is not None and received > total:
+        part.unlink(missing_ok=True)
+        raise _Transient(f"received {received} bytes, more than the announced {total}")
+
+
+def _request(url: str, part: Path, offset: int, meta: dict, timeout: float, result: DownloadResult):
+    """The open response (ranged from ``offset`` when resuming), None when nothing is left to fetch."""
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"})
-    ranged = offset > 0 and _is_http(url)
-    if ranged:
+    if offset > 0 and _is_http(url):
         request.add_header("Range", f"bytes={offset}-")
         validator = meta.get("etag") if meta.get("etag") and not str(meta["etag"]).startswith("W/") else meta.get("last_modified")
         if validator:
             request.add_header("If-Range", validator)  # a changed file on the server answers 200, not 206
         result.range_requests += 1
     try:
-        response = urllib.request.urlopen(request, timeout=timeout)
+        return urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as error:
         error.close()
         if error.code == 416 and offset:
             total = _total_from_content_range(error.headers.get("Content-Range"))
             if total is not None and total == offset:
-                return  # the partial file already holds every byte
+                return None
             log.info("%s: the server refused to resume at byte %d; starting over", url, offset)
             part.unlink(missing_ok=True)
             raise _Transient("HTTP 416 on resume") from None
@@ -225,55 +275,50 @@ def _attempt(url: str, part: Path, meta_path: Path, timeout: float, chunk_size: 
     except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
         raise _Transient(f"connection failed ({getattr(error, 'reason', error)})") from None
 
-    with response:
-        status = getattr(response, "status", None)
-        headers = response.headers
-        if status == 206:
-            start, total = _parse_content_range(headers.get("Content-Range"))
-            if start != offset:
-                log.info("%s: the server resumed at byte %s instead of %d; starting over", url, start, offset)
-                part.unlink(missing_ok=True)
-                raise _Transient("unexpected Content-Range")
-            recorded = meta.get("total")
-            if recorded is not None and total is not None and int(recorded) != total:
-                # Without an ETag or Last-Modified this is the only sign the file changed on the server:
-                # appending would splice two different files together.
-                log.info("%s: the file on the server is now %d bytes, was %s; starting over", url, total, recorded)
-                part.unlink(missing_ok=True)
-                raise _Transient("the file changed on the server")
-            mode = "ab"
-            result.resumed = True
-            log.info("%s: resuming at byte %d", part.name, offset)
-        else:
-            if ranged:
-                log.warning("%s: the server ignored the Range request (HTTP %s); restarting from the first byte",
-                            url, status)
-            offset = 0
-            total = _content_length(headers)
-            mode = "wb"
-        _write_meta(meta_path, {"url": url, "etag": headers.get("ETag"), "last_modified": headers.get("Last-Modified"),
-                                "total": total})
-        bar = _bar(total, offset, part.name[: -len(".part")], progress)
-        received = offset
-        try:
-            with open(part, mode) as handle:
-                while True:
-                    try:
-                        block = response.read(chunk_size)
-                    except (http.client.IncompleteRead, OSError, http.client.HTTPException) as error:
-                        raise _Transient(f"connection lost ({type(error).__name__})") from None
-                    if not block:
-                        break
-                    handle.write(block)
-                    received += len(block)
-                    bar.update(len(block))
-        finally:
-            bar.close()
-    if total is not None and received < total:
-        raise _Transient(f"connection closed at byte {received} of {total}")
-    if total is not None and received > total:
-        part.unlink(missing_ok=True)
-        raise _Transient(f"received {received} bytes, more than the announced {total}")
+
+def _resume_point(response, url: str, part: Path, offset: int, meta: dict, result: DownloadResult):
+    """(offset, total, file mode): append after a valid 206, otherwise start from the first byte."""
+    status = getattr(response, "status", None)
+    if status == 206:
+        start, total = _parse_content_range(response.headers.get("Content-Range"))
+        if start != offset:
+            log.info("%s: the server resumed at byte %s instead of %d; starting over", url, start, offset)
+            part.unlink(missing_ok=True)
+            raise _Transient("unexpected Content-Range")
+        recorded = meta.get("total")
+        if recorded is not None and total is not None and int(recorded) != total:
+            # Without an ETag or Last-Modified this is the only sign the file changed on the server:
+            # appending would splice two different files together.
+            log.info("%s: the file on the server is now %d bytes, was %s; starting over", url, total, recorded)
+            part.unlink(missing_ok=True)
+            raise _Transient("the file changed on the server")
+        result.resumed = True
+        log.info("%s: resuming at byte %d", part.name, offset)
+        return offset, total, "ab"
+    if offset > 0 and _is_http(url):
+        log.warning("%s: the server ignored the Range request (HTTP %s); restarting from the first byte", url, status)
+    return 0, _content_length(response.headers), "wb"
+
+
+def _receive(response, part: Path, mode: str, offset: int, total: int | None, chunk_size: int, progress: bool) -> int:
+    """Stream the body into ``part``; the number of bytes it then holds."""
+    bar = _bar(total, offset, part.name[: -len(".part")], progress)
+    received = offset
+    try:
+        with open(part, mode) as handle:
+            while True:
+                try:
+                    block = response.read(chunk_size)
+                except (http.client.IncompleteRead, OSError, http.client.HTTPException) as error:
+                    raise _Transient(f"connection lost ({type(error).__name__})") from None
+                if not block:
+                    break
+                handle.write(block)
+                received += len(block)
+                bar.update(len(block))
+    finally:
+        bar.close()
+    return received
 
 
 def _content_length(headers) -> int | None:
@@ -324,7 +369,7 @@ def _read_meta(path: Path) -> dict:
 
 
 def _write_meta(path: Path, meta: dict) -> None:
-    path.write_text(json.dumps(meta))
+    atomic_write(path, json.dumps(meta))
 
 
 def _move_aside(path: Path) -> Path:

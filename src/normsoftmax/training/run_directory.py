@@ -25,9 +25,21 @@ from ..evaluation import recall_report
 from ..files import atomic_write
 
 
+def run_base_dir(config: TrainConfig) -> Path:
+    """``--run_dir``, or the reference layout output/<dataset>/<dim>/<model>_<batch>."""
+    if config.run_dir:
+        return Path(config.run_dir)
+    return Path(config.output) / config.dataset / str(config.dim) / f"{config.model_name}_{config.batch_size}"
+
+
+def finished(run_dir: Path) -> bool:
+    """A run that reached its last evaluation (it wrote final_metrics.json)."""
+    return (Path(run_dir) / "final_metrics.json").exists()
+
+
 def choose_run_dir(config: TrainConfig) -> Path:
-    """The reference layout output/<dataset>/<dim>/<model>_<batch>; never reuses a folder that holds a run."""
-    base = Path(config.run_dir) if config.run_dir else Path(config.output) / config.dataset / str(config.dim) / f"{config.model_name}_{config.batch_size}"
+    """The run's base folder, or a new sibling (``-2``, ``-3``, ...) when it already holds a run."""
+    base = run_base_dir(config)
     candidate, suffix = base, 1
     while (candidate / "config.json").exists():
         suffix += 1

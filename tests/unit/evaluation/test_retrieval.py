@@ -13,13 +13,7 @@ import torch
 from retrieval_reference import _random_case, assert_metrics_equal, brute_force, run
 
 from normsoftmax.evaluation.metrics import evaluate_embeddings
-from normsoftmax.evaluation.retrieval import (
-    FloatScorer,
-    Positives,
-    build_positive_pairs,
-    metrics_from_ranks,
-    rank_positives,
-)
+from normsoftmax.evaluation.retrieval import FloatScorer, LabelGroups, metrics_from_ranks, rank_queries
 
 TILES = ["bf16", "tf32", "fp64"]  # every float tile path, forced: each is tested on every CPU
 
@@ -105,14 +99,12 @@ def test_other_tile_precisions_match_the_bf16_path(other):
     rng = np.random.default_rng(5)
     x, y = _random_case(rng, 300, 24, 60, "gaussian")
     xt = torch.from_numpy(x)
-    pq, pg = build_positive_pairs(y, y, exclude_self=True)
+    groups = LabelGroups(y, y, exclude_self=True)
     out = []
     for low in ("bf16", other):
         sc = FloatScorer(xt, None, torch.device("cpu"), low_precision=low)
-        pos = Positives.build(pq, pg, sc.exact_scores(torch.from_numpy(pq), torch.from_numpy(pg)).numpy(),
-                              len(y), torch.device("cpu"))
-        before, active = rank_positives(sc, pos, 16, symmetric=True, block_size=64)
-        out.append(metrics_from_ranks(before, active, pos.count, (1, 4, 16)))
+        ranks = rank_queries(sc, groups, 16, symmetric=True, block_size=64)
+        out.append(metrics_from_ranks(ranks, (1, 4, 16)))
     assert out[0] == out[1]
     assert_metrics_equal(out[0], brute_force(x, y, ks=(1, 4, 16)))
 
@@ -221,3 +213,60 @@ def test_same_metrics_with_the_instruction_set_limited(tmp_path, limits):
         assert_metrics_equal(result["binary"], want_binary)
     assert results["bf16"] == results["fp64"] == results["tf32"]
 
+
+
+@pytest.fixture(params=["thresholds", "dense", "thresholds-chunked", "dense-chunked"])
+def engine(request, monkeypatch):
+    """Force each way of ranking: counting against thresholds, or sorting whole rows; in one chunk or many."""
+    import normsoftmax.evaluation.retrieval as retrieval
+
+    monkeypatch.setattr(retrieval, "DENSE_CLASS_RATIO", 10**12 if request.param.startswith("dense") else 0)
+    if request.param.endswith("chunked"):
+        monkeypatch.setattr(retrieval, "PAIR_BUDGET", 97)
+    return request.param
+
+
+@pytest.mark.parametrize("tiles", TILES)
+@pytest.mark.parametrize("kind", ["codes", "small_ints", "gaussian"])
+def test_every_engine_agrees_with_brute_force(engine, kind, tiles):
+    rng = np.random.default_rng(11)
+    x_big, _ = _random_case(rng, 90, 6, 1, kind)
+    x_small, _ = _random_case(rng, 70, 6, 1, kind)
+    x = np.concatenate([x_big, x_small, x_big[:5]])  # and five exact duplicates with other labels
+    y = np.concatenate([np.zeros(90, dtype=np.int64), 1 + rng.integers(0, 12, 70), np.full(5, 20)])
+    perm = rng.permutation(len(y))
+    x, y = x[perm], y[perm]
+    ks = (1, 2, 4, 8, 100)
+    res = run(x, y, ks=ks, block_size=16, float_tiles=tiles)
+    assert_metrics_equal(res["float"], brute_force(x, y, ks=ks))
+    assert_metrics_equal(res["binary"], brute_force(x, y, ks=ks, binary=True))
+    xq, yq, xg, yg = x[:60], y[:60], x[60:], y[60:]
+    res = evaluate_embeddings(query_embeddings=xq, query_labels=yq, gallery_embeddings=xg, gallery_labels=yg,
+                              ks=ks, nmi=False, block_size=16, float_tiles=tiles)
+    assert_metrics_equal(res["float"], brute_force(xq, yq, xg, yg, ks=ks))
+    assert_metrics_equal(res["binary"], brute_force(xq, yq, xg, yg, ks=ks, binary=True))
+
+
+def test_chunks_hold_at_most_the_budget_of_positive_slots(monkeypatch):
+    """Memory grows with the positive pairs of a chunk, not with queries x the largest class."""
+    import normsoftmax.evaluation.retrieval as retrieval
+
+    rng = np.random.default_rng(3)
+    y = np.concatenate([np.zeros(400, dtype=np.int64), rng.integers(1, 100, 600)])  # one class of 400
+    x = rng.standard_normal((len(y), 8)).astype(np.float32)
+    budget = 4000
+    monkeypatch.setattr(retrieval, "PAIR_BUDGET", budget)
+    monkeypatch.setattr(retrieval, "DENSE_CLASS_RATIO", 0)
+    tables = []
+    original = retrieval.Positives.build.__func__
+
+    def recording(cls, *args, **kwargs):
+        built = original(cls, *args, **kwargs)
+        tables.append(built.index.numel())
+        return built
+
+    monkeypatch.setattr(retrieval.Positives, "build", classmethod(recording))
+    ks = (1, 4, 16)
+    res = run(x, y, ks=ks, binary=False)
+    assert_metrics_equal(res["float"], brute_force(x, y, ks=ks))
+    assert len(tables) > 10 and max(tables) <= budget  # padded to the largest class: 1000 x 399 slots

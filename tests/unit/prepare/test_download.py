@@ -128,3 +128,21 @@ def test_a_file_that_changed_on_the_server_is_not_spliced_onto_the_old_part(serv
     assert (tmp_path / "data.bin").read_bytes() == new
     assert server.ranges("data.bin")[0] == "bytes=1000-" and server.ranges("data.bin")[-1] is None
     assert result.sha256 == hashlib.sha256(new).hexdigest()
+
+
+def test_a_resumed_download_that_fails_verification_is_fetched_once_more_from_scratch(server, tmp_path):
+    url = server.add("data.bin", PAYLOAD)
+    # an old partial file of another version of the same size: nothing tells the two apart before the checksum
+    (tmp_path / "data.bin.part").write_bytes(os.urandom(1000))
+    (tmp_path / "data.bin.part.json").write_text(json.dumps({"url": url, "total": len(PAYLOAD)}))
+    result = download(url, tmp_path / "data.bin", sha256=DIGEST, **FAST)
+    assert (tmp_path / "data.bin").read_bytes() == PAYLOAD and result.sha256 == DIGEST
+    assert server.ranges("data.bin") == ["bytes=1000-", None]
+    assert any("from scratch" in note for note in result.notes)
+
+
+def test_a_fresh_download_that_fails_verification_is_not_fetched_again(server, tmp_path):
+    url = server.add("data.bin", PAYLOAD)
+    with pytest.raises(ChecksumError):
+        download(url, tmp_path / "data.bin", sha256="0" * 64, **FAST)
+    assert server.ranges("data.bin") == [None]
