@@ -9,8 +9,21 @@ import json
 import sys
 import typing
 
-from .config import (DemoConfig, EmbedConfig, EvaluateConfig, ExportConfig, IndexAddConfig, IndexBuildConfig,
-                     PrepareConfig, ReportConfig, SearchConfig, ServeConfig, TrainConfig, build_config, field_choices)
+from .config import (
+    DemoConfig,
+    EmbedConfig,
+    EvaluateConfig,
+    ExportConfig,
+    IndexAddConfig,
+    IndexBuildConfig,
+    PrepareConfig,
+    ReportConfig,
+    SearchConfig,
+    ServeConfig,
+    TrainConfig,
+    build_config,
+    field_choices,
+)
 
 
 def _int_list(text: str) -> list[int]:
@@ -148,7 +161,8 @@ def _index_search(config: SearchConfig) -> int:
     for result in results:
         print(result["query"])
         for rank, hit in enumerate(result["neighbours"], start=1):
-            print(f"  {rank:3d}  {hit['score']:.4f}  {hit['path']}")
+            distance = f"  Hamming {hit['hamming']:4d}" if hit.get("hamming") is not None else ""
+            print(f"  {rank:3d}  {hit['score']:.4f}{distance}  {hit['path']}")
     return 0
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from .files import atomic_write
 
+AMP_CHOICES = ("auto", "none", "bf16", "fp16")
+
 
 def option(default=None, help: str = "", *, choices=None, default_factory=None, **cli) -> dataclasses.Field:
     """A config field with its command-line help; ``cli`` holds argparse overrides (``flags``, ``nargs``,
@@ -121,8 +123,9 @@ class TrainConfig:
     crop: int = option(224)
     hflip: bool = option(True, "random horizontal flips")
     keep_aspect: bool = option(False, "resize the shorter side instead of to a square")
-    amp: str = option("none", "mixed precision", choices=("none", "bf16", "fp16"))
-    channels_last: bool = option(False)
+    amp: str = option("auto", "mixed precision: auto (bf16 where the device has it natively), none, bf16, fp16",
+                      choices=("auto", "none", "bf16", "fp16"))
+    channels_last: bool = option(True, "channels-last memory layout (faster convolutions on CPUs and GPUs)")
     eval_batch_size: int = option(0, "0: same as batch_size")
     ks: list[int] | None = option(None, "Recall@K cut-offs, e.g. 1,2,4,8 (default: the dataset's)")
     nmi: bool | None = option(None, "NMI (default: only when the evaluated set has at most 1,000 classes)")
@@ -205,6 +208,8 @@ class DemoConfig:
     workers: int = option(-1)
     device: str = option("auto")
     progress: bool = option(True)
+    transfer: bool = option(False, "instead: pretrain on one set of glyph classes, run the paper's SGD recipe from "
+                                   "those weights on a second, evaluate both on a third")
     train_overrides: dict = option(help="TrainConfig fields to change in the demo's run", default_factory=dict,
                                    cli=False)
 
@@ -249,7 +254,7 @@ class EmbedConfig:
     batch_size: int = option(64)
     device: str = option("auto")
     workers: int = option(-1)
-    amp: str = option("none", choices=("none", "bf16", "fp16"))
+    amp: str = option("auto", "auto: the precision the run trained and evaluated with", choices=AMP_CHOICES)
     save_every: int = option(4096, "images between atomic writes of the partial result (resuming starts there)")
     progress: bool = option(True)
 
@@ -308,6 +313,8 @@ class ServeConfig:
     device: str = option("auto")
     k: int = option(12, "default number of results")
     max_k: int = option(100, "largest number of results a request may ask for")
+    threads: int | None = option(None, "CPU threads of the model's forward pass and of faiss (default: one less "
+                                       "than the cores, leaving one to receive and decode requests)")
 
 
 @dataclass

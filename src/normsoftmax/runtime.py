@@ -18,7 +18,7 @@ import torch.distributed as torch_dist
 
 logger = logging.getLogger("normsoftmax")
 
-AMP_CHOICES = ("none", "bf16", "fp16")
+AMP_CHOICES = ("auto", "none", "bf16", "fp16")
 
 
 # ----------------------------------------------------------------------------------------------- device, workers
@@ -70,6 +70,14 @@ def autocast(device: torch.device, amp: str):
         return contextlib.nullcontext()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def resolve_amp(amp: str, device: torch.device) -> str:
+    """``auto``: bf16 where the device computes it natively (recent CPUs with AVX-512 BF16 or AMX, GPUs from
+    Ampere on), else float32 -- emulated bf16 is slower than float32 (benchmarks/train_throughput.py)."""
+    if amp != "auto":
+        return amp
+    return "bf16" if bf16_is_native(device) else "none"
 
 
 def bf16_is_native(device: torch.device) -> bool:

@@ -68,7 +68,14 @@ def _table(results: dict) -> str:
 
 
 def run_demo(config: DemoConfig) -> dict:
-    """Generate (or reuse) the glyphs, evaluate raw pixels and the untrained net, train, evaluate; write results.json."""
+    """Generate (or reuse) the glyphs, evaluate raw pixels and the untrained net, train, evaluate; write results.json.
+
+    ``config.transfer`` runs the transfer demo instead (:mod:`normsoftmax.demo.transfer`).
+    """
+    if config.transfer:
+        from .transfer import run_transfer_demo
+
+        return run_transfer_demo(config)
     started = time.perf_counter()
     output = Path(config.output).resolve()
     output.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import logging
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from ..data.custom import IMAGE_EXTENSIONS
 from ..data.records import DatasetError
 from ..data.registry import load_dataset
 from ..runtime import Distributed, autocast, loader_settings, loader_workers
-from .embed import eval_dataset
+from .embed import eval_dataset, run_amp
 from .files import read_embeddings, write_embeddings
 
 logger = logging.getLogger(__name__)
@@ -44,8 +45,11 @@ def embed_files(config: EmbedConfig) -> dict:
     model = load_embedder(config.checkpoint, device)
     paths, labels, label_names, source, decode = _images(config)
     out = Path(config.out)
+    amp = run_amp(model, config.amp, device)
+    config = EmbedConfig(**{**asdict(config), "amp": amp})
     metadata = {"model": {"checkpoint": model.checkpoint, "digest": model.digest, "model_name": model.backbone_name,
-                          "dim": model.dim, "resize": model.train_config.resize, "crop": model.train_config.crop},
+                          "dim": model.dim, "resize": model.train_config.resize, "crop": model.train_config.crop,
+                          "amp": amp},
                 "source": source, "label_names": label_names}
     done = _embedded_so_far(out, model.digest, dist.is_main)
     batch = config.batch_size

@@ -9,7 +9,16 @@ import torch
 
 from ..data.cache import array_eval_transform
 from ..data.images import ImageDataset, ImageTransformConfig, eval_transform
-from ..runtime import autocast, loader_settings, resolve_device
+from ..runtime import autocast, loader_settings, resolve_amp, resolve_device
+
+
+def run_amp(model: torch.nn.Module, amp: str, device: torch.device) -> str:
+    """The precision to embed with: ``auto`` means the one the model's run trained and evaluated with, so an
+    index and the queries searched in it are embedded the same way."""
+    if amp != "auto":
+        return amp
+    config = getattr(model, "train_config", None)
+    return resolve_amp(config.amp if config is not None else "auto", torch.device(device))
 
 
 def eval_dataset(paths: Sequence[str], labels, transform: ImageTransformConfig, cache=None,
@@ -50,12 +59,13 @@ def embed_dataset(model: torch.nn.Module, dataset: torch.utils.data.Dataset, bat
 
 
 def embed_images(model: torch.nn.Module, paths: Sequence[str], *, batch_size: int = 64, device: str | None = None,
-                 workers: int = 0, amp: str = "none", transform: ImageTransformConfig | None = None,
+                 workers: int = 0, amp: str = "auto", transform: ImageTransformConfig | None = None,
                  decode: str = "robust", progress: bool = False) -> np.ndarray:
     """(N, dim) float32 embeddings of the image files ``paths``.
 
-    The geometry (resize, crop) is the model's training run's (``model.train_config``, set by
-    :func:`normsoftmax.load_embedder`) unless ``transform`` is given; ``device`` defaults to the model's.
+    The geometry (resize, crop) and precision (``amp="auto"``) are the model's training run's
+    (``model.train_config``, set by :func:`normsoftmax.load_embedder`) unless given; ``device`` defaults to
+    the model's.
     """
     config = getattr(model, "train_config", None)
     if transform is None:
@@ -66,7 +76,8 @@ def embed_images(model: torch.nn.Module, paths: Sequence[str], *, batch_size: in
     device = resolve_device(str(device))
     dataset = eval_dataset(list(paths), np.zeros(len(paths), dtype=np.int64), transform, decode=decode)
     channels_last = bool(config.channels_last) if config is not None else False
-    return embed_dataset(model, dataset, batch_size, device, workers, amp, channels_last, progress)
+    return embed_dataset(model, dataset, batch_size, device, workers, run_amp(model, amp, device), channels_last,
+                         progress)
 
 
 __all__ = ["embed_images", "embed_dataset", "eval_dataset"]

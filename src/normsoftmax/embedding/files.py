@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,17 @@ from .arrays import check_embeddings_arrays
 
 _LOO_KEYS = ("embeddings", "labels")
 _QG_KEYS = ("query_embeddings", "query_labels", "gallery_embeddings", "gallery_labels")
+
+
+def _read_npz(name: str) -> dict[str, np.ndarray]:
+    """Every array of an .npz file (no pickles); a file that is not one is a ValueError naming it."""
+    try:
+        with np.load(name, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except FileNotFoundError:
+        raise
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise ValueError(f"{name}: not a readable .npz file ({exc})") from exc
 
 
 def _to_numpy(x) -> np.ndarray:
@@ -72,13 +84,7 @@ def load_embeddings_npz(path) -> dict:
     ``ValueError`` naming the file.
     """
     name = os.fspath(path)
-    try:
-        with np.load(name, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except FileNotFoundError:
-        raise
-    except (ValueError, OSError) as exc:
-        raise ValueError(f"{name}: not a readable .npz file ({exc})") from exc
+    arrays = _read_npz(name)
     has_loo = any(k in arrays for k in _LOO_KEYS)
     has_qg = any(k in arrays for k in _QG_KEYS)
     if has_loo and has_qg:
@@ -151,13 +157,7 @@ def write_embeddings(path, embeddings, paths, labels=None, metadata: dict | None
 def read_embeddings(path) -> EmbeddingsFile:
     """Read an embeddings file (``normsoftmax embed``'s, or an evaluation file of one split with paths)."""
     name = os.fspath(path)
-    try:
-        with np.load(name, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except FileNotFoundError:
-        raise
-    except (ValueError, OSError) as exc:
-        raise ValueError(f"{name}: not a readable .npz file ({exc})") from exc
+    arrays = _read_npz(name)
     if "embeddings" not in arrays or "paths" not in arrays:
         raise ValueError(f"{name}: an embeddings file holds 'embeddings' and 'paths'; found {sorted(arrays)}")
     embeddings, paths = arrays["embeddings"], [str(p) for p in arrays["paths"].reshape(-1)]

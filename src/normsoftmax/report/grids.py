@@ -18,9 +18,23 @@ from ..config import ReportConfig, default_dataset_root
 from ..data.images import decoder
 from ..data.records import DatasetRecords
 from ..runtime import loader_workers, resolve_device
-from .figures import CORRECT_COLOUR, QUERY_COLOUR, WRONG_COLOUR, Cell, retrieval_grid, short_label
-from .neighbours import (EmbeddedProtocol, QueryResult, embed_protocol, evaluate_protocol, query_results,
-                         sample_queries, worst_queries)
+from .figures import (
+    CORRECT_COLOUR,
+    QUERY_COLOUR,
+    WRONG_COLOUR,
+    Cell,
+    retrieval_grid,
+    short_label,
+)
+from .neighbours import (
+    EmbeddedProtocol,
+    QueryResult,
+    embed_protocol,
+    evaluate_protocol,
+    query_results,
+    sample_queries,
+    worst_queries,
+)
 from .page import image, metric_cell, paragraph, section, table, text
 
 

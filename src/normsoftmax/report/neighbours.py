@@ -17,7 +17,6 @@ from ..data.records import DatasetRecords, ImageSet
 from ..embedding.embed import embed_dataset, eval_dataset
 from ..evaluation.metrics import evaluate_embeddings
 
-
 QUERY_BLOCK = 64  # queries ranked together: their sorted gallery rows are in memory at once
 
 

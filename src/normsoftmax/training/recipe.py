@@ -37,22 +37,62 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 
-from ..config import TrainConfig, config_from_dict, default_dataset_root, recall_ks, write_config
+from ..config import (
+    TrainConfig,
+    config_from_dict,
+    default_dataset_root,
+    recall_ks,
+    write_config,
+)
 from ..data.cache import array_train_transform, find_cache
-from ..data.images import ImageDataset, ImageTransformConfig, collate_skipping, train_transform, verify_images
+from ..data.images import (
+    ImageDataset,
+    ImageTransformConfig,
+    collate_skipping,
+    train_transform,
+    verify_images,
+)
 from ..data.records import DatasetRecords
 from ..data.registry import load_dataset
 from ..data.sampler import ClassBalancedBatchSampler, SeededBatches
 from ..evaluation import evaluate_model
 from ..loss import NormSoftmaxLoss
 from ..model import Embedder, create_embedder
-from ..runtime import (Distributed, autocast, loader_settings, loader_workers, restore_rng_state, rng_state,
-                       seed_everything, setup_logging)
-from .checkpoint import CheckpointSaver, find_checkpoint, find_resumable, load_checkpoint
+from ..runtime import (
+    Distributed,
+    autocast,
+    loader_settings,
+    loader_workers,
+    resolve_amp,
+    resolve_device,
+    restore_rng_state,
+    rng_state,
+    seed_everything,
+    setup_logging,
+)
+from .checkpoint import (
+    CheckpointSaver,
+    find_checkpoint,
+    find_resumable,
+    load_checkpoint,
+)
 from .faults import failpoint
-from .run_directory import (choose_run_dir, evaluation_path, finished, run_base_dir, write_evaluation,
-                            write_final_metrics)
-from .schedule import learning_rate, main_phase_epoch, make_optimizer, phase_of, should_evaluate, trainable_parameters
+from .run_directory import (
+    choose_run_dir,
+    evaluation_path,
+    finished,
+    run_base_dir,
+    write_evaluation,
+    write_final_metrics,
+)
+from .schedule import (
+    learning_rate,
+    main_phase_epoch,
+    make_optimizer,
+    phase_of,
+    should_evaluate,
+    trainable_parameters,
+)
 
 logger = logging.getLogger("normsoftmax")
 
@@ -158,6 +198,7 @@ def build_run(config: TrainConfig) -> TrainingRun | None:
     config.validate()
     dist = Distributed.from_environment(config.device)
     device = dist.device(config.device)
+    config = config_from_dict(TrainConfig, {**asdict(config), "amp": resolve_amp(config.amp, device)})
     run_dir = _run_directory(config, dist, resume_file, resume_state)
 
     seed_everything(config.seed, 0)
@@ -213,6 +254,7 @@ def differing_fields(config: TrainConfig, stored: dict) -> list[str]:
     """The settings in which ``config`` differs from a run's stored config (those a resume may change aside)."""
     ignored = set(RESUME_OVERRIDES) | {"resume", "run_dir", "output"}
     current = asdict(config)
+    current["amp"] = resolve_amp(config.amp, resolve_device(config.device))  # stored runs hold the resolved value
     return sorted(key for key in current if key not in ignored and key in stored and stored[key] != current[key])
 
 

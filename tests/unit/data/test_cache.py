@@ -202,6 +202,19 @@ def test_stale_cache_is_not_used(dataset):
     assert find_cache(dataset, SQUARE) is None
 
 
+def test_a_same_size_same_time_replacement_is_caught_by_content(dataset):
+    """Archive extraction restores sizes and times: only the bytes tell a replaced image apart."""
+    build_cache(dataset, SQUARE, workers=1, progress=False)
+    target = dataset.train.paths[0]
+    stat = os.stat(target)
+    data = bytearray(open(target, "rb").read())
+    data[len(data) // 2] ^= 0xFF  # same size, other content
+    open(target, "wb").write(bytes(data))
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.stat(target).st_size == stat.st_size and os.stat(target).st_mtime_ns == stat.st_mtime_ns
+    assert find_cache(dataset, SQUARE) is None
+
+
 def test_cache_missing_an_image_is_not_used(dataset, tmp_path):
     build_cache(dataset, SQUARE, workers=1, progress=False)
     extra = tmp_path / "images" / "new.jpg"

@@ -1,0 +1,99 @@
+"""Running the search service under uvicorn: ``normsoftmax serve`` (:func:`serve_index`), and a server in a
+background thread on a free local port (:class:`BackgroundServer`) for tests and benchmarks."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import threading
+import time
+
+from ..config import ServeConfig
+
+logger = logging.getLogger(__name__)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve_index(config: ServeConfig) -> None:
+    """Load the index and the model (refusing a model other than the index's) and serve until interrupted."""
+    import faiss
+    import torch
+    import uvicorn
+
+    from ..runtime import available_cpus, resolve_device, setup_logging
+    from .command import load_model_for
+    from .index import SearchIndex
+    from .service import create_app
+
+    if not config.checkpoint or not config.index:
+        raise ValueError("serve needs the run directory (or checkpoint) and the index folder")
+    if config.max_batch < 1 or config.max_k < 1 or config.k < 1 or config.max_upload_mb <= 0 or config.max_pixels < 1:
+        raise ValueError("max_batch, k, max_k, max_upload_mb and max_pixels must be positive")
+    setup_logging()
+    threads = config.threads if config.threads is not None else max(1, available_cpus() - 1)
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    # Threads of one forward pass spin while they wait for each other; if they occupy every core, the event loop
+    # and the decoding threads that feed the next batch wait for them, and on a busy machine all of them crawl.
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+    index = SearchIndex.open(config.index)
+    model = load_model_for(index, config.checkpoint, resolve_device(config.device))
+    app = create_app(model, index, config)
+    if not is_loopback(config.host):
+        logger.warning("serving on %s: anyone who can reach this address can search the index and read its "
+                       "thumbnails; there is no authentication", config.host)
+    logger.info("index %s: %d items (%s); %d threads; page at http://%s:%d/", index.directory, index.count,
+                ", ".join(index.kinds), threads, config.host, config.port)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="info")
+
+
+class BackgroundServer:
+    """``with BackgroundServer(app) as server:`` serves ``app`` with uvicorn in a thread, on a port bound
+    before the thread starts (no race for a free port); ``server.url`` is its base URL."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning"):
+        self.app = app
+        self.host = host
+        self.port = port
+        self.log_level = log_level
+        self._server = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def __enter__(self) -> "BackgroundServer":
+        import uvicorn
+
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((self.host, self.port))
+        self.port = listener.getsockname()[1]
+        self._server = uvicorn.Server(uvicorn.Config(self.app, log_level=self.log_level, lifespan="on"))
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [listener]}, daemon=True,
+                                        name=f"uvicorn-{self.port}")
+        self._thread.start()
+        deadline = time.monotonic() + 60
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server on {self.url} did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=30)
+
+
+__all__ = ["serve_index", "BackgroundServer", "is_loopback"]

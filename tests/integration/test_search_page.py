@@ -1,0 +1,129 @@
+"""The search page driven in a real headless Chromium (Selenium): upload, grid, float/binary, click to search."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from normsoftmax.config import EmbedConfig, IndexBuildConfig, ServeConfig
+from normsoftmax.embedding import embed_files, read_embeddings
+from normsoftmax.search import BackgroundServer, SearchIndex, build_index, create_app
+from normsoftmax.training.checkpoint import load_embedder
+
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+
+
+def _browser_and_driver() -> tuple[str | None, str | None]:
+    browser = next((shutil.which(name) for name in CHROMIUM_NAMES if shutil.which(name)), None)
+    return browser, shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    chromium, chromedriver = _browser_and_driver()
+    if chromium is None or chromedriver is None:
+        pytest.skip(f"no Chromium ({' / '.join(CHROMIUM_NAMES)}) or chromedriver on PATH "
+                    "(Debian: apt-get install chromium chromium-driver)")
+    from selenium import webdriver  # a test dependency (pip install -e .[test]): missing, the test fails
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                     "--no-first-run", "--window-size=1280,1000",
+                     f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(executable_path=chromedriver), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A tiny trained run (dim 64), its 48 images in a flat index, served on 127.0.0.1:
+    ``(base_url, embeddings)``."""
+    from fixtures import tiny_config, write_folder
+
+    from normsoftmax import train_embedder
+
+    base = tmp_path_factory.mktemp("page")
+    root = write_folder(base / "data", num_classes=8, images_per_class=6)
+    train_embedder(tiny_config(root, base / "run", dataset="folder", num_steps=1, dim=64, lr=0.01))
+    embed_files(EmbedConfig(checkpoint=str(base / "run"), images=str(root), out=str(base / "all.npz"), workers=0,
+                            progress=False))
+    build_index(IndexBuildConfig(embeddings=str(base / "all.npz"), out=str(base / "index")))
+    app = create_app(load_embedder(base / "run", "cpu"), SearchIndex.open(base / "index"), ServeConfig(device="cpu"))
+    with BackgroundServer(app) as server:
+        yield server.url, read_embeddings(base / "all.npz")
+
+
+def _wait_for_results(driver, timeout: float = 60):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, timeout).until(
+        lambda d: d.execute_script("return document.body.dataset.state") in ("done", "error"))
+    assert driver.execute_script("return document.body.dataset.state") == "done", \
+        driver.find_element("id", "status").text
+    WebDriverWait(driver, timeout).until(lambda d: d.execute_script(
+        "return [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)"))
+    return driver.find_elements("css selector", "#results .result")
+
+
+def _mark_stale(driver):
+    driver.execute_script("document.body.dataset.state = 'stale'")
+
+
+def test_upload_a_query_see_the_grid_switch_to_binary_and_click_a_result(browser, served, tmp_path):
+    url, stored = served
+    codes = np.packbits(stored.embeddings > 0, axis=1)
+    _, inverse, counts = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
+    # A query whose sign pattern no other image shares, so it is first under Hamming distance too.
+    row = next(r for r in range(7, len(stored)) if counts[inverse.reshape(-1)[r]] == 1)
+    browser.get(url + "/")
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, 30).until(lambda d: "48 images" in d.find_element("id", "info").text)
+
+    browser.find_element("css selector", "input[type=file]").send_keys(stored.paths[row])
+    results = _wait_for_results(browser)
+    assert len(results) == 12  # the service's default k, read from /healthz
+    first = results[0]
+    assert (first.get_attribute("data-id"), first.get_attribute("data-path")) == (str(row), stored.paths[row])
+    assert first.find_element("css selector", ".score").text.endswith("cosine 1.0000")
+    scores = [float(card.get_attribute("data-score")) for card in results]
+    assert scores == sorted(scores, reverse=True) and scores[-1] < scores[0]
+    assert browser.find_element("id", "query-caption").text.endswith("(uploaded)")
+    browser.save_screenshot(str(tmp_path / "search_page_float.png"))
+
+    _mark_stale(browser)
+    browser.find_element("css selector", "input[name=kind][value=binary]").click()
+    results = _wait_for_results(browser)
+    assert results[0].get_attribute("data-id") == str(row)
+    assert results[0].find_element("css selector", ".score").text.startswith("1. Hamming 0")
+
+    clicked = results[2].get_attribute("data-id")
+    _mark_stale(browser)
+    results[2].click()
+    results = _wait_for_results(browser)
+    assert results[0].get_attribute("data-id") == clicked  # the clicked image is now the query
+    assert browser.find_element("id", "query-caption").text.startswith(f"#{clicked} ")
+    browser.save_screenshot(str(tmp_path / "search_page_clicked.png"))
+    for name in ("search_page_float.png", "search_page_clicked.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_page_shows_the_services_refusal(browser, served, tmp_path):
+    url, _ = served
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not pixels")
+    browser.get(url + "/")
+    browser.find_element("css selector", "input[type=file]").send_keys(str(not_an_image))
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, 30).until(lambda d: d.execute_script("return document.body.dataset.state") == "error")
+    assert browser.find_element("id", "status").text.startswith("Search failed — 415: the upload is not an image")
+    assert browser.find_elements("css selector", "#results .result") == []
