@@ -74,6 +74,17 @@ def atomic_write(path: str | os.PathLike, data: str | bytes, *, durable: bool = 
         temporary.write_bytes(payload)
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, read in blocks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def ensure_free_space(directory: str | os.PathLike, needed: int | float, what: str, error=NotEnoughSpaceError) -> None:
     """Raise ``error`` when ``needed`` bytes do not fit under ``directory`` (its nearest existing ancestor)."""
     free = _free_bytes(directory)
@@ -101,4 +112,4 @@ def _size(count: int | float | None) -> str:
     return f"{int(count)} bytes"
 
 
-__all__ = ["atomic_output", "atomic_write", "ensure_free_space", "fsync_directory", "NotEnoughSpaceError"]
+__all__ = ["atomic_output", "atomic_write", "ensure_free_space", "file_sha256", "fsync_directory", "NotEnoughSpaceError"]

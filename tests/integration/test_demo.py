@@ -14,6 +14,12 @@ def test_demo_command_end_to_end_on_a_small_glyph_set(tmp_path, cli):
         assert set(results[name]["binary"]) >= {"recall@1", "recall@8", "map@r"}
     assert "raw pixels" in out and "untrained" in out and str(tmp_path / "demo" / "results.json") in out
     assert (tmp_path / "demo" / "run" / "eval" / "epoch_001.json").exists()
+    # the first run ends in a browser: the unseen glyphs indexed, and the command that serves them
+    from normsoftmax.search import SearchIndex
+
+    index = SearchIndex.open(tmp_path / "demo" / "index")
+    assert index.count == 24 and set(index.kinds) == {"float", "binary"}
+    assert f"normsoftmax serve {tmp_path / 'demo' / 'run'} {tmp_path / 'demo' / 'index'}" in out
 
 
 def test_demo_rerun_reuses_the_glyphs_and_keeps_the_earlier_run(tmp_path):

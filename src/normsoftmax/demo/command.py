@@ -28,6 +28,7 @@ from ..config import DemoConfig, TrainConfig
 from ..data.custom import load_folder
 from ..data.images import load_rgb
 from ..evaluation import evaluate_embeddings, evaluate_model, recall_report
+from ..files import atomic_write
 from ..model import create_embedder
 from ..runtime import loader_workers, resolve_device
 from ..training.recipe import image_transform, train_embedder
@@ -83,13 +84,7 @@ def run_demo(config: DemoConfig) -> dict:
                                         images_per_class=config.images_per_class, image_size=config.image_size,
                                         seed=config.seed, progress=config.progress)
     records = load_folder(glyph_root)
-    run_dir = output / "run"
-    if (run_dir / "config.json").exists():
-        # A finished or interrupted earlier demo: keep it beside the new one, never overwrite.
-        stamp, suffix = time.strftime("%Y%m%d-%H%M%S"), 1
-        while (output / f"run-{stamp}-{suffix}").exists():
-            suffix += 1
-        run_dir.rename(output / f"run-{stamp}-{suffix}")
+    run_dir = set_aside(output / "run")
     train_config = demo_train_config(config, glyph_root, run_dir)
     device = resolve_device(config.device)
     transform_config = image_transform(train_config)
@@ -104,11 +99,12 @@ def run_demo(config: DemoConfig) -> dict:
                                              loader_workers(config.workers), "bf16", True, nmi=True)
     summary = train_embedder(train_config)
     results["trained"] = summary["last"]
+    index_dir = build_gallery_index(config, run_dir, glyph_root, output)
 
     document = {**results, "seconds": round(time.perf_counter() - started, 1), "run_dir": str(run_dir),
-                "dataset": str(glyph_root), "config": asdict(config),
+                "index": str(index_dir), "dataset": str(glyph_root), "config": asdict(config),
                 "counts": records.counts()}
-    (output / "results.json").write_text(json.dumps(document, indent=2) + "\n")
+    atomic_write(output / "results.json", json.dumps(document, indent=2) + "\n")
     print()
     print(f"Retrieval on {records.test.num_classes} glyph classes never seen in training "
           f"({len(records.test)} images; leave-one-out, cosine / Hamming):")
@@ -117,4 +113,32 @@ def run_demo(config: DemoConfig) -> dict:
     for line in recall_report(results["trained"]):
         print(f"trained {line}")
     print(f"\nresults: {output / 'results.json'}   (run directory {run_dir}, {document['seconds']:.0f} s in all)")
+    print(f"\nThe {len(records.test)} unseen glyphs are indexed in {index_dir}. Search them in a browser:\n"
+          f"  normsoftmax serve {run_dir} {index_dir}\n  then open http://127.0.0.1:8000/")
     return document
+
+
+def set_aside(folder: Path) -> Path:
+    """``folder``, with what an earlier demo left there renamed beside it (never overwritten)."""
+    if folder.exists() and any(folder.iterdir()):
+        stamp, suffix = time.strftime("%Y%m%d-%H%M%S"), 1
+        while folder.with_name(f"{folder.name}-{stamp}-{suffix}").exists():
+            suffix += 1
+        folder.rename(folder.with_name(f"{folder.name}-{stamp}-{suffix}"))
+    return folder
+
+
+def build_gallery_index(config: DemoConfig, run_dir: Path, glyph_root: Path, output: Path) -> Path:
+    """Embed the unseen classes with the trained model and index them (exact cosine and binary codes)."""
+    from ..config import EmbedConfig, IndexBuildConfig
+    from ..embedding import embed_files
+    from ..search import build_index
+
+    embeddings = output / "gallery.npz"
+    embeddings.unlink(missing_ok=True)  # the previous demo's model: never mixed with this one's
+    embed_files(EmbedConfig(checkpoint=str(run_dir), dataset="folder", dataset_root=str(glyph_root), split="test",
+                            out=str(embeddings), device=config.device, workers=config.workers,
+                            progress=config.progress))
+    index_dir = set_aside(output / "index")
+    build_index(IndexBuildConfig(embeddings=str(embeddings), out=str(index_dir), kind="flat"))
+    return index_dir

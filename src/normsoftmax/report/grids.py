@@ -98,14 +98,15 @@ def load_run(config: ReportConfig, run_dir: Path, notes: list[str]) -> LoadedRun
 
 def _embed(loaded: LoadedRun, config: ReportConfig, notes: list[str]) -> EmbeddedProtocol | None:
     from ..data.cache import find_cache
+    from ..embedding.embed import run_amp
     from ..training.recipe import image_transform
 
     train = loaded.model.train_config
     transform = image_transform(train)
     # The run's evaluations read the image cache when there was one; the same pixels give the same ranks.
     cache = find_cache(loaded.records, transform) if train.use_cache else None
-    # Mixed precision only on a GPU: on a CPU, bf16 is slower than float32 unless it is native there.
-    amp = train.amp if loaded.device.type == "cuda" else "none"
+    # The run's precision (as its evaluations used): the grids' recomputed metrics are then the logged ones.
+    amp = run_amp(loaded.model, "auto", loaded.device)
     try:
         return embed_protocol(loaded.model, loaded.records, transform, config.batch_size, loaded.device,
                               loader_workers(config.workers), amp, cache)

@@ -7,7 +7,6 @@ loading the model that embedded the index and refusing any other one.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -15,17 +14,10 @@ from pathlib import Path
 from ..config import IndexAddConfig, IndexBuildConfig, SearchConfig
 from ..data.custom import IMAGE_EXTENSIONS
 from ..embedding.files import EmbeddingsFile, read_embeddings
+from ..files import file_sha256
 from .index import METADATA_NAME, SCORE_NAMES, SearchIndex, choose_ivf_parameters
 
 logger = logging.getLogger(__name__)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_source(path: str | os.PathLike) -> tuple[EmbeddingsFile, dict]:
@@ -50,7 +42,7 @@ def read_source(path: str | os.PathLike) -> tuple[EmbeddingsFile, dict]:
     if model.get("dim") not in (None, embeddings.dim):
         raise ValueError(f"{file}: holds {embeddings.dim}-dimensional embeddings but says its model makes "
                          f"{model['dim']}-dimensional ones; the file is damaged")
-    return embeddings, {"file": str(file), "sha256": _sha256(file)}
+    return embeddings, {"file": str(file), "sha256": file_sha256(file)}
 
 
 def build_index(config: IndexBuildConfig) -> dict:

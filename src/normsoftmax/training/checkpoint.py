@@ -28,7 +28,13 @@ from pathlib import Path
 import torch
 
 from ..config import TrainConfig, config_from_dict
-from ..files import NotEnoughSpaceError, atomic_output, atomic_write, ensure_free_space
+from ..files import (
+    NotEnoughSpaceError,
+    atomic_output,
+    atomic_write,
+    ensure_free_space,
+    file_sha256,
+)
 from ..model import Embedder, create_embedder
 from .faults import failpoint
 
@@ -66,14 +72,6 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     if not found:
         raise FileNotFoundError(f"{path}: no checkpoint file, and no run directory with checkpoints/epoch_*.pt")
     return found[-1]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _checksum_path(path: Path) -> Path:
