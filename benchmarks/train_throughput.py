@@ -8,10 +8,12 @@ CUB's typical size (500x375), all in one run:
                      script's loader (4 workers, pinned memory, workers restarted every epoch);
 * ``+bf16``, ``+channels_last``, ``+cache`` (the uint8 pre-resized cache), ``+compile`` (``torch.compile``):
                      the reference with one option changed;
-* ``defaults``       what ``normsoftmax train`` does on this device (``--amp auto``: bf16 where it is native;
-                     channels_last; persistent loader workers, one per available core; the loss read every
-                     10 steps), decoding JPEGs;
-* ``defaults+cache`` the same with the image cache (``normsoftmax prepare --cache`` makes it).
+* ``+bf16+channels_last`` both, as measured by hand on an AMX machine (FINDINGS: 3.1x there);
+* ``defaults``       what ``normsoftmax train`` does on this device (``--amp auto``: bf16 on GPUs and on CPUs
+                     with AMX, float32 elsewhere; channels_last; persistent loader workers, one per available
+                     core; the loss read every 10 steps), decoding JPEGs;
+* ``defaults+cache``, ``defaults+compile``, ``defaults+cache+compile``: with the image cache
+                     (``normsoftmax prepare --cache`` makes it) and/or ``--compile``.
 
 Also the share of step time spent waiting for data. Prints a table and the ratio of the defaults to the
 reference; writes JSON.
@@ -71,8 +73,11 @@ def settings(device: torch.device) -> list[Setting]:
         Setting("+channels_last", channels_last=True),
         Setting("+cache", cache=True),
         Setting("+compile", compile=True),
+        Setting("+bf16+channels_last", amp="bf16", channels_last=True),
         Setting("defaults", **defaults),
         Setting("defaults+cache", cache=True, **defaults),
+        Setting("defaults+compile", compile=True, **defaults),
+        Setting("defaults+cache+compile", cache=True, compile=True, **defaults),
     ]
 
 

@@ -136,7 +136,7 @@ WRITERS = {"cub200": write_cub200, "cars196": write_cars196, "sop": write_sop, "
 # A few steps of a tiny network: the command-line flags, and the same as a TrainConfig.
 TINY = ["--model_name", "resnet18", "--weights", "none", "--dim", "32", "--batch_size", "8", "--images_per_class", "2",
         "--epochs_per_step", "1", "--num_steps", "1", "--pretrain_epochs", "1", "--resize", "40", "--crop", "32",
-        "--workers", "0", "--no-progress"]
+        "--workers", "0", "--no-progress", "--amp", "none"]  # one precision on every CPU
 
 
 def tiny_config(root, run_dir, **extra):
@@ -144,6 +144,7 @@ def tiny_config(root, run_dir, **extra):
 
     values = dict(dataset="Cub200", dataset_root=str(root), run_dir=str(run_dir) if run_dir else None, model_name="resnet18", weights="none",
                   dim=16, batch_size=8, images_per_class=2, class_balancing=True, pretrain_epochs=1, epochs_per_step=1,
-                  num_steps=2, test_every_n_epochs=2, resize=36, crop=32, workers=0, progress=False, lr=0.01)
+                  num_steps=2, test_every_n_epochs=2, resize=36, crop=32, workers=0, progress=False, lr=0.01,
+                  amp="none")
     values.update(extra)
     return TrainConfig(**values)

@@ -123,8 +123,9 @@ class TrainConfig:
     crop: int = option(224)
     hflip: bool = option(True, "random horizontal flips")
     keep_aspect: bool = option(False, "resize the shorter side instead of to a square")
-    amp: str = option("auto", "mixed precision: auto (bf16 where the device has it natively), none, bf16, fp16",
-                      choices=("auto", "none", "bf16", "fp16"))
+    amp: str = option("auto", "mixed precision: auto (bf16 on GPUs that have it and CPUs with AMX, else float32), "
+                              "none, bf16, fp16", choices=AMP_CHOICES)
+    compile: bool = option(False, "torch.compile the training step (faster steps after a compilation of minutes)")
     channels_last: bool = option(True, "channels-last memory layout (faster convolutions on CPUs and GPUs)")
     eval_batch_size: int = option(0, "0: same as batch_size")
     ks: list[int] | None = option(None, "Recall@K cut-offs, e.g. 1,2,4,8 (default: the dataset's)")

@@ -73,11 +73,23 @@ def autocast(device: torch.device, amp: str):
 
 
 def resolve_amp(amp: str, device: torch.device) -> str:
-    """``auto``: bf16 where the device computes it natively (recent CPUs with AVX-512 BF16 or AMX, GPUs from
-    Ampere on), else float32 -- emulated bf16 is slower than float32 (benchmarks/train_throughput.py)."""
+    """``auto``: bf16 where it is fast -- GPUs with bf16 (Ampere on) and CPUs with AMX tiles -- else float32.
+
+    On a CPU with AVX-512 BF16 but no AMX, bf16 convolutions bought little alone and made channels-last
+    training slower than float32 (benchmarks/train_throughput.py), and a batch-1 forward pass 2.7x slower.
+    """
     if amp != "auto":
         return amp
-    return "bf16" if bf16_is_native(device) else "none"
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "none"
+    return "bf16" if bf16_is_native(device) and amx_is_available() else "none"
+
+
+def amx_is_available() -> bool:
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except (AttributeError, RuntimeError):  # pragma: no cover - depends on the build
+        return False
 
 
 def bf16_is_native(device: torch.device) -> bool:

@@ -26,7 +26,7 @@ from normsoftmax.files import NotEnoughSpaceError
 FLAGS = ["--dataset", "Cub200", "--model_name", "resnet18", "--weights", "none", "--dim", "16", "--batch_size", "4",
          "--images_per_class", "2", "--class_balancing", "--pretrain_epochs", "1", "--epochs_per_step", "1",
          "--num_steps", "2", "--test_every_n_epochs", "1", "--resize", "36", "--crop", "32", "--workers", "0",
-         "--no-progress", "--checkpoint_every_minutes", "0", "--log_every", "2"]
+         "--no-progress", "--checkpoint_every_minutes", "0", "--log_every", "2", "--amp", "none"]
 
 
 def train_command(root, run_dir, *extra):
@@ -196,3 +196,38 @@ def test_keep_checkpoints_keeps_the_best_besides_the_newest(tmp_path, data):
                for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()}
     assert best["recall@1"] == max(recalls.values()) and recalls[best["epoch"]] == best["recall@1"]
     assert torch.load(folder / "best.pt", weights_only=True)["epoch"] == best["epoch"]
+
+
+def test_a_run_stopped_after_its_last_evaluation_gets_its_final_metrics(tmp_path, data, uninterrupted):
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    (run_dir / "final_metrics.json").unlink()  # crashed between the last evaluation and this file
+    done = run(train_command(data, run_dir))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((run_dir / "final_metrics.json").read_text()) == \
+        json.loads((uninterrupted / "final_metrics.json").read_text())
+    assert not (tmp_path / "run-2").exists()
+
+
+def test_resume_auto_finds_the_run_of_these_settings_among_its_siblings(tmp_path, data):
+    base = tmp_path / "run"
+    first = train_embedder(_tiny(data, base, num_steps=0))  # finished: lr 0.01
+    assert first["run_dir"] == str(base)
+    # other settings, interrupted in the sibling folder
+    crashed = run(train_command(data, base, "--lr", "0.02"), failpoint="step:6")
+    assert crashed.returncode == -signal.SIGKILL and (tmp_path / "run-2" / "config.json").exists()
+    resumed = run(train_command(data, base, "--lr", "0.02", "--resume", "auto"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (tmp_path / "run-2" / "final_metrics.json").exists() and not (tmp_path / "run-3").exists()
+    assert "continuing the unfinished run" in (tmp_path / "run-2" / "train.log").read_text()
+
+
+def test_torchrun_resumes_from_an_epoch_checkpoint(tmp_path, data):
+    """Every rank must take the same path through the lost-evaluation check (a collective on some ranks only hangs)."""
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "-m", "normsoftmax", "train",
+                *FLAGS, "--dataset_root", str(data), "--run_dir", str(tmp_path / "run")]
+    crashed = run(torchrun, failpoint="step:6")
+    assert crashed.returncode != 0 and (tmp_path / "run" / "checkpoints" / "epoch_001.pt").exists()
+    resumed = run(torchrun, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (tmp_path / "run" / "final_metrics.json").exists()

@@ -152,9 +152,21 @@ class ImageDataset(torch.utils.data.Dataset):
             raise DatasetError(f"{path}: cannot be read as an image ({type(error).__name__}: {error})") from None
         if seed is None:
             return self.transform(image), int(self.labels[index])
-        with torch.random.fork_rng(devices=[]):
+        # manual_seed reseeds the GPUs' generators too: leave every generator as it was (the main process's
+        # draws, e.g. the loss's class sampling, must not depend on whether images load here or in workers)
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed)
             return self.transform(image), int(self.labels[index])
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGINT/SIGTERM to the main process, which finishes its step and checkpoints
+    (a worker killed by Ctrl-C or a scheduler would make the main process fail at a random point instead)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def collate_skipping(items):

@@ -30,7 +30,7 @@ from ..data.images import load_rgb
 from ..evaluation import evaluate_embeddings, evaluate_model, recall_report
 from ..files import atomic_write
 from ..model import create_embedder
-from ..runtime import loader_workers, resolve_device
+from ..runtime import loader_workers, resolve_amp, resolve_device
 from ..training.recipe import image_transform, train_embedder
 from .glyphs import generate_glyph_dataset
 
@@ -46,7 +46,7 @@ def demo_train_config(config: DemoConfig, dataset_root: Path, run_dir: Path) -> 
                   weights="none", dim=512, optimizer="adamw", lr=1e-3, weight_decay=5e-4, scheduler="cosine",
                   pretrain_epochs=0, epochs_per_step=config.epochs, num_steps=1, test_every_n_epochs=config.epochs,
                   class_balancing=True, batch_size=4 * classes_per_batch, images_per_class=4, resize=config.image_size, crop=crop,
-                  hflip=False, amp="bf16", channels_last=True, seed=config.seed, device=config.device,
+                  hflip=False, amp="auto", channels_last=True, seed=config.seed, device=config.device,
                   workers=config.workers, ks=DEMO_KS, nmi=True, progress=config.progress, keep_checkpoints=1)
     values.update(config.train_overrides)
     return TrainConfig(**values)
@@ -96,7 +96,8 @@ def run_demo(config: DemoConfig) -> dict:
     untrained = create_embedder(train_config.model_name, train_config.dim, weights="none").to(device)
     untrained = untrained.to(memory_format=torch.channels_last)
     results["untrained"], _ = evaluate_model(untrained, records, transform_config, DEMO_KS, 128, device,
-                                             loader_workers(config.workers), "bf16", True, nmi=True)
+                                             loader_workers(config.workers), resolve_amp("auto", device), True,
+                                             nmi=True)
     summary = train_embedder(train_config)
     results["trained"] = summary["last"]
     index_dir = build_gallery_index(config, run_dir, glyph_root, output)

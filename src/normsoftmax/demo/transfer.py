@@ -32,7 +32,7 @@ from ..data.registry import load_dataset
 from ..evaluation import evaluate_model
 from ..files import atomic_write
 from ..model import create_embedder
-from ..runtime import loader_workers, resolve_device
+from ..runtime import loader_workers, resolve_amp, resolve_device
 from ..training.checkpoint import load_embedder
 from ..training.recipe import image_transform, train_embedder
 from .command import DEMO_KS, _table, demo_train_config
@@ -114,8 +114,8 @@ def _features_alone(paper: TrainConfig, backbone: Path, config: DemoConfig) -> d
     if paper.channels_last:
         model = model.to(memory_format=torch.channels_last)
     result, _ = evaluate_model(model, records, image_transform(paper), DEMO_KS, 128, device,
-                               loader_workers(config.workers), paper.amp if paper.amp != "auto" else "none",
-                               paper.channels_last, nmi=True)
+                               loader_workers(config.workers), resolve_amp(paper.amp, device), paper.channels_last,
+                               nmi=True)
     return result
 
 

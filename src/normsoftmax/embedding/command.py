@@ -51,12 +51,15 @@ def embed_files(config: EmbedConfig) -> dict:
                           "dim": model.dim, "resize": model.train_config.resize, "crop": model.train_config.crop,
                           "amp": amp},
                 "source": source, "label_names": label_names}
-    done = _embedded_so_far(out, model.digest, dist.is_main)
     batch = config.batch_size
-    batches = [i for i in range(0, len(paths), batch) if any(p not in done for p in paths[i:i + batch])]
+    batches = None
+    if dist.is_main:  # one view of what is done, before any rank writes a new chunk
+        done = _embedded_so_far(out, model.digest, True)
+        batches = [i for i in range(0, len(paths), batch) if any(p not in done for p in paths[i:i + batch])]
+    batches = dist.broadcast(batches)
     mine = batches[dist.rank::dist.world_size]
-    logger.info("%d images, %d already embedded; rank %d embeds %d batches", len(paths),
-                sum(p in done for p in paths), dist.rank, len(mine))
+    logger.info("%d images, %d batches of %d to embed; rank %d embeds %d of them", len(paths), len(batches), batch,
+                dist.rank, len(mine))
     _embed_batches(model, config, paths, mine, out, dist.rank, image_transform(model.train_config), decode, device)
     dist.barrier()
     if dist.is_main:

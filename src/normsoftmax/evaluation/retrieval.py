@@ -556,7 +556,8 @@ class BinaryScorer:
             self.masked_value = _INT32_MIN
             self.inactive_floor = torch.tensor(_INT32_MAX, dtype=torch.int32, device=device)
         else:
-            self.masked_value = float("-inf")
+            # finite: classify_rows turns tile values into int64 keys, and -inf has no integer
+            self.masked_value = float(-(self.dim + 2))
             self.inactive_floor = torch.tensor(float("inf"), dtype=torch.float32, device=device)
 
     def _codes(self, x: torch.Tensor, dtype) -> torch.Tensor:

@@ -263,6 +263,7 @@ def _request(url: str, part: Path, offset: int, meta: dict, timeout: float, resu
         if error.code == 416 and offset:
             total = _total_from_content_range(error.headers.get("Content-Range"))
             if total is not None and total == offset:
+                result.resumed = True  # the bytes came from an earlier run: verify, and refetch if they fail
                 return None
             log.info("%s: the server refused to resume at byte %d; starting over", url, offset)
             part.unlink(missing_ok=True)

@@ -170,6 +170,7 @@ class CheckpointSaver:
         path = checkpoint_path(self.run_dir, epoch, step)
         needed = sum(t.numel() * t.element_size() for t in _tensors(state))
         ensure_free_space(path.parent, needed * 1.05 + (1 << 20), f"the checkpoint {path.name}")
+        _checksum_path(path).unlink(missing_ok=True)  # a stale checksum must never describe the new file
         try:
             with atomic_output(path, durable=True) as temporary:
                 torch.save({"format": CHECKPOINT_FORMAT, "epoch": epoch, "step": step, **state}, temporary)

@@ -49,10 +49,11 @@ from ..data.images import (
     ImageDataset,
     ImageTransformConfig,
     collate_skipping,
+    ignore_stop_signals,
     train_transform,
     verify_images,
 )
-from ..data.records import DatasetRecords
+from ..data.records import DatasetError, DatasetRecords
 from ..data.registry import load_dataset
 from ..data.sampler import ClassBalancedBatchSampler, SeededBatches
 from ..evaluation import evaluate_model
@@ -61,6 +62,7 @@ from ..model import Embedder, create_embedder
 from ..runtime import (
     Distributed,
     autocast,
+    epoch_seed,
     loader_settings,
     loader_workers,
     resolve_amp,
@@ -171,8 +173,8 @@ def train_embedder(config: TrainConfig) -> dict:
     Raises :class:`Preempted` (after writing a checkpoint) when a signal stops the run.
     """
     run = build_run(config)
-    if run is None:  # --resume auto on a run that already finished
-        return _finished_summary(config)
+    if isinstance(run, Path):  # --resume auto on a run that already finished
+        return _finished_summary(config, run)
     with _stop_on_signals(run):
         for epoch in range(run.start_epoch, run.config.total_epochs):
             enter_phase(run, epoch)
@@ -190,11 +192,11 @@ def train_embedder(config: TrainConfig) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- 1. the run
-def build_run(config: TrainConfig) -> TrainingRun | None:
+def build_run(config: TrainConfig) -> TrainingRun | Path:
     """Directory and config first, then data, model, loss; restored from the checkpoint when resuming."""
     config, resume_file, resume_state = _resolve_resume(config)
     if config is None:
-        return None
+        return resume_file  # --resume auto on a finished run: its folder
     config.validate()
     dist = Distributed.from_environment(config.device)
     device = dist.device(config.device)
@@ -271,32 +273,50 @@ def _resolve_resume(config: TrainConfig):
         else:
             state = load_checkpoint(file)
         return resumed_config(config, state), file, state
-    base = run_base_dir(config)
-    stored_path = base / "config.json"
-    if not stored_path.exists() or finished(base):
-        if config.resume == "auto" and stored_path.exists():
-            logger.info("%s already holds a finished run of this config; nothing to do", base)
-            return None, None, None
-        return config, None, None
-    stored = json.loads(stored_path.read_text())
-    different = differing_fields(config, stored)
-    if different:
-        if config.resume == "auto":
-            listed = ", ".join(f"{key} ({stored[key]!r} there, {getattr(config, key)!r} now)" for key in different)
-            raise ValueError(f"{base} holds an unfinished run with other settings: {listed}; resume it with "
-                             f"--resume {base}, or choose another --run_dir")
-        return config, None, None  # another experiment: choose_run_dir picks a new folder beside it
-    found = find_resumable(base)
-    if found is None:  # stopped before its first checkpoint: start it again in the same folder
-        return config_from_dict(TrainConfig, {**asdict(config), "run_dir": str(base)}), None, None
-    file, state = found
-    return resumed_config(config_from_dict(TrainConfig, {**asdict(config), "resume": str(base)}), state), file, state
+    runs = sibling_runs(run_base_dir(config))
+    same = [folder for folder in runs if not differing_fields(config, _stored_config(folder))]
+    unfinished = [folder for folder in same if not finished(folder)]
+    if unfinished:  # the newest unfinished run of exactly these settings: continue it
+        folder = unfinished[-1]
+        found = find_resumable(folder)
+        if found is None:  # stopped before its first checkpoint: start it again in the same folder
+            return config_from_dict(TrainConfig, {**asdict(config), "run_dir": str(folder)}), None, None
+        file, state = found
+        return resumed_config(config_from_dict(TrainConfig, {**asdict(config), "resume": str(folder)}), state), file, state
+    if config.resume == "auto":
+        if same:
+            logger.info("%s holds a finished run of these settings; nothing to do", same[-1])
+            return None, same[-1], None
+        others = [folder for folder in runs if not finished(folder)]
+        if others:
+            stored = _stored_config(others[-1])
+            listed = ", ".join(f"{key} ({stored[key]!r} there, {getattr(config, key)!r} now)"
+                               for key in differing_fields(config, stored))
+            raise ValueError(f"{others[-1]} holds an unfinished run with other settings: {listed}; resume it with "
+                             f"--resume {others[-1]}, or choose another --run_dir")
+    return config, None, None  # a new run: choose_run_dir picks a free folder
 
 
-def _finished_summary(config: TrainConfig) -> dict:
-    base = run_base_dir(config)
-    last = json.loads((base / "final_metrics.json").read_text())
-    return {"run_dir": str(base), "epochs": config.total_epochs, "evaluations": {}, "last": last, "is_main": True}
+def sibling_runs(base: Path) -> list[Path]:
+    """``base`` and its ``-2``, ``-3``, ... siblings that hold a run (config.json), oldest first."""
+    found = [base] if (base / "config.json").exists() else []
+    suffix = 2
+    while (base.with_name(f"{base.name}-{suffix}") / "config.json").exists():
+        found.append(base.with_name(f"{base.name}-{suffix}"))
+        suffix += 1
+    return found
+
+
+def _stored_config(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return {"resume": "unreadable"}  # differs from anything: never continued by accident
+
+
+def _finished_summary(config: TrainConfig, folder: Path) -> dict:
+    last = json.loads((folder / "final_metrics.json").read_text())
+    return {"run_dir": str(folder), "epochs": config.total_epochs, "evaluations": {}, "last": last, "is_main": True}
 
 
 def _run_directory(config: TrainConfig, dist: Distributed, resume_file: Path | None, resume_state: dict | None) -> Path:
@@ -306,6 +326,8 @@ def _run_directory(config: TrainConfig, dist: Distributed, resume_file: Path | N
             raise ValueError(f"{resume_file}: resume from a checkpoint inside its run directory "
                              f"(RUN_DIR/checkpoints/epoch_NNN.pt) or from the run directory itself")
         run_dir = resume_file.parent.parent  # follows a run directory that was moved
+        if dist.is_main:
+            _set_aside_later_checkpoints(run_dir, resume_state)
     elif config.run_dir and (Path(config.run_dir) / "config.json").exists() and not finished(Path(config.run_dir)) \
             and not differing_fields(config, json.loads((Path(config.run_dir) / "config.json").read_text())):
         run_dir = Path(config.run_dir)  # an unfinished run that never reached a checkpoint: start it again
@@ -323,6 +345,25 @@ def _run_directory(config: TrainConfig, dist: Distributed, resume_file: Path | N
         logger.info("continuing the unfinished run in %s from %s (%d epochs%s done)", run_dir, resume_file.name,
                     resume_state["epoch"], f" and {resume_state['step']} steps" if resume_state.get("step") else "")
     return run_dir
+
+
+def _set_aside_later_checkpoints(run_dir: Path, state: dict) -> None:
+    """Resuming from an older checkpoint abandons the later ones: move them aside, so they are never mistaken
+    for the continuation's (pruning, a later resume) and nothing is deleted."""
+    from .checkpoint import checkpoint_position, list_checkpoints
+
+    position = (state["epoch"], state.get("step", 0))
+    later = [file for file in list_checkpoints(run_dir) if checkpoint_position(file) > position]
+    if not later:
+        return
+    folder = run_dir / "checkpoints" / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for file in later:
+        for item in (file, file.with_name(file.name + ".sha256")):
+            if item.exists():
+                item.rename(folder / item.name)
+    logger.warning("resuming from epoch %d step %d: moved the %d later checkpoints aside to %s", position[0],
+                   position[1], len(later), folder)
 
 
 def image_transform(config: TrainConfig) -> ImageTransformConfig:
@@ -351,6 +392,7 @@ def build_train_loader(config: TrainConfig, records: DatasetRecords, transform: 
     # Persistent workers: no process start-up per epoch; each epoch's batches and seeds are read from
     # ``batches`` when the loader is iterated again.
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate_skipping,
+                                         worker_init_fn=ignore_stop_signals,
                                          **loader_settings(device, loader_workers(config.workers), persistent=True))
     return loader, batches
 
@@ -377,14 +419,21 @@ class ShuffledBatches:
 
 
 def _evaluate_lost_epoch(run: TrainingRun) -> None:
-    """A run stopped between its checkpoint and that epoch's evaluation gets the evaluation now."""
-    if (run.resume_state is not None and run.start_step == 0 and run.start_epoch > 0
-            and should_evaluate(run.config, run.start_epoch - 1)
-            and not (run.dist.is_main and evaluation_path(run.run_dir, run.start_epoch).exists())):
-        missing = run.dist.broadcast(not evaluation_path(run.run_dir, run.start_epoch).exists() if run.dist.is_main else None)
-        if missing:
-            logger.info("epoch %d was checkpointed but not evaluated; evaluating it now", run.start_epoch)
-            evaluate_epoch(run, run.start_epoch)
+    """A run stopped between its checkpoint and that epoch's evaluation gets the evaluation now; a run stopped
+    after its last evaluation but before final_metrics.json gets that file."""
+    candidate = (run.resume_state is not None and run.start_step == 0 and run.start_epoch > 0
+                 and should_evaluate(run.config, run.start_epoch - 1))
+    if not candidate:
+        return
+    path = evaluation_path(run.run_dir, run.start_epoch)
+    missing = run.dist.broadcast(not path.exists() if run.dist.is_main else None)  # every rank, or none, goes on
+    if missing:
+        logger.info("epoch %d was checkpointed but not evaluated; evaluating it now", run.start_epoch)
+        evaluate_epoch(run, run.start_epoch)
+    elif run.dist.is_main:
+        result = json.loads(path.read_text())
+        run.summary["evaluations"][run.start_epoch] = result
+        run.summary["last"] = result
     run.dist.barrier()
 
 
@@ -406,6 +455,8 @@ def enter_phase(run: TrainingRun, epoch: int) -> None:
     if run.dist.world_size > 1:
         run.wrapped = torch.nn.parallel.DistributedDataParallel(
             run.step_module, device_ids=[run.device.index] if run.device.type == "cuda" else None)
+    if run.config.compile:
+        run.wrapped = torch.compile(run.wrapped)
     logger.info("%s phase: training %d parameter tensors with %s", phase, len(trainable), run.config.optimizer)
 
 
@@ -434,12 +485,17 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> float:
         restore_rng_state(run.resume_state["rng"][dist.rank] if isinstance(run.resume_state["rng"], list)
                           else run.resume_state["rng"])
         carried = run.resume_state.get("epoch_totals", {})
-        totals = EpochTotals.fresh(device, start, carried.get("loss_sum", 0.0), carried.get("images", 0))
+        # the saved loss sum is every rank's: restored on rank 0 alone, as the epoch-end all-reduce adds them
+        totals = EpochTotals.fresh(device, start, carried.get("loss_sum", 0.0) if dist.is_main else 0.0,
+                                   carried.get("images", 0))
     else:
         seed_everything(config.seed, epoch + 1, dist.rank)
         totals = EpochTotals.fresh(device)
     run.batches.batches.set_epoch(epoch)
     run.batches.epoch, run.batches.start = epoch, start
+    # The loader draws its workers' base seed when iterated: from its own generator, not the global one
+    # that a resume restores (the images' augmentations have seeds of their own anyway).
+    run.loader.generator = torch.Generator().manual_seed(epoch_seed(config.seed, epoch, dist.rank))
     run.step_module.train()
     steps = run.steps_per_epoch
     progress = _progress_bar(run, epoch, steps, start)
@@ -449,12 +505,15 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> float:
         try:
             images, labels, skipped = next(batches)
         except RuntimeError:
-            if run.stop_signal is None:
+            if run.stop_signal is None or not alone:
                 raise
-            # Ctrl-C reaches the loader's worker processes too: checkpoint the steps done, then stop.
+            # a signal that reached the loader's workers anyway: checkpoint the steps done, then stop
             raise Preempted(run.stop_signal, save_mid_epoch(run, epoch, step, totals), run.run_dir) from None
         if skipped:
             _skipped(run, skipped)
+        if images is None and not alone:  # the other ranks wait for this one's gradients: it cannot skip
+            raise DatasetError(f"every image of rank {dist.rank}'s share of step {step + 1} is unreadable: "
+                               f"{', '.join(skipped)}")
         if images is not None:
             _train_step(run, epoch, step, steps, images, labels, totals)
         failpoint("step")
@@ -551,6 +610,11 @@ def _skipped(run: TrainingRun, paths: list[str]) -> None:
 
 # ---------------------------------------------------------------------------------------------------- 4. epoch end
 def _state(run: TrainingRun) -> dict:
+    broken = [name for name, value in run.step_module.state_dict().items()
+              if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if broken:  # never let a checkpoint replace a good one with NaN or infinite weights
+        raise FloatingPointError(f"non-finite values in {', '.join(broken[:5])}; no checkpoint written, the last one "
+                                 f"is intact; lower --lr")
     rng = run.dist.gather(rng_state())  # every rank's generators: its own augmentation-free draws
     return {"phase": run.phase, "run_dir": str(run.run_dir), "config": asdict(run.config),
             "model": run.model.state_dict(), "criterion": run.criterion.state_dict(),
@@ -561,9 +625,12 @@ def _state(run: TrainingRun) -> dict:
 def save_mid_epoch(run: TrainingRun, epoch: int, step: int, totals: EpochTotals) -> Path | None:
     """A checkpoint ``step`` steps into epoch ``epoch + 1`` (the sampler's position and every RNG included)."""
     state = _state(run)
+    loss_sum = totals.loss_sum.clone()
+    if run.dist.world_size > 1:
+        torch_dist.all_reduce(loss_sum)
     path = None
     if run.dist.is_main:
-        state["epoch_totals"] = {"loss_sum": float(totals.loss_sum), "images": totals.images}
+        state["epoch_totals"] = {"loss_sum": float(loss_sum), "images": totals.images}
         path = run.saver.save(epoch, state, step=step)
         logger.info("checkpoint %s (%d of %d steps of epoch %d)", path.name, step, run.steps_per_epoch, epoch + 1)
     run.last_checkpoint_time = time.monotonic()
