@@ -273,16 +273,40 @@ def _round_to_tf32_grid(x: torch.Tensor) -> torch.Tensor:
 
 
 def canonical_rows(x: torch.Tensor) -> np.ndarray:
-    """For every row, the index of the first row with the same bytes (itself when it has no earlier twin)."""
+    """For every row, the index of the first row with the same bytes (itself when it has no earlier twin).
+
+    Rows are hashed (their bytes as 64-bit words times random odd multipliers, summed modulo 2**64); only rows
+    whose hashes collide are compared byte for byte.
+    """
     x = x.detach().cpu().contiguous()
     if x.dtype in (torch.bfloat16, torch.float16):  # numpy has no bfloat16: compare the bits
         x = x.view(torch.int16)
     rows = np.ascontiguousarray(x.numpy())
-    if rows.shape[0] == 0:
-        return np.zeros(0, dtype=np.int64)
-    keys = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).reshape(-1)
-    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-    return first[inverse.reshape(-1)].astype(np.int64)
+    n = rows.shape[0]
+    canon = np.arange(n, dtype=np.int64)
+    if n < 2:
+        return canon
+    raw = rows.view(np.uint8).reshape(n, -1)
+    padded = np.zeros((n, -(-raw.shape[1] // 8) * 8), dtype=np.uint8)
+    padded[:, :raw.shape[1]] = raw
+    words = padded.view(np.uint64)
+    multipliers = np.random.default_rng(12345).integers(0, 2**63, words.shape[1], dtype=np.uint64) * 2 + 1
+    hashes = np.zeros(n, dtype=np.uint64)
+    for start in range(0, words.shape[1], 256):  # keeps the temporary small
+        hashes += (words[:, start:start + 256] * multipliers[start:start + 256]).sum(axis=1, dtype=np.uint64)
+    order = np.argsort(hashes, kind="stable")  # equal hashes: ascending row index
+    sorted_hashes = hashes[order]
+    starts = np.flatnonzero(np.r_[True, sorted_hashes[1:] != sorted_hashes[:-1]])
+    ends = np.r_[starts[1:], n]
+    for start, end in zip(starts[ends - starts > 1], ends[ends - starts > 1]):  # rare: duplicates or collisions
+        leaders: list[int] = []
+        for member in order[start:end]:
+            twin = next((leader for leader in leaders if np.array_equal(raw[leader], raw[member])), None)
+            if twin is None:
+                leaders.append(member)
+            else:
+                canon[member] = twin
+    return canon
 
 
 def cosine_from_score(score: torch.Tensor) -> torch.Tensor:
@@ -645,7 +669,7 @@ def _num_threads(n: int):
         torch.set_num_threads(old)
 
 
-# A tile whose hot (query, band) segments exceed this share is classified whole, row by row.
+# A tile in which this share of the live queries' elements reach their floors is classified whole, row by row.
 _DENSE_SHARE = 0.25
 
 
@@ -1013,12 +1037,17 @@ class _ChunkState:
     def scan(self, tile: torch.Tensor, q_lo: int, q_hi: int, g0: int, queries_on_rows: bool) -> None:
         """Count one direction of a tile for local queries ``q_lo..q_hi-1`` against gallery ``g0 + j``."""
         rows = slice(q_lo, q_hi)
-        bands, hot = _hot_segments(tile, self.floor[rows], queries_on_rows)
+        floor = self.floor[rows]
+        bands, hot = _hot_segments(tile, floor, queries_on_rows)
+        # Candidates are the elements at or above their query's floor: when they are a large share of the tile
+        # (large classes, crowded embeddings), one search per element beats gathering them one by one. Counting
+        # them costs a pass over the tile, so only where the band maxima say it may pay.
         if hot.numel() and float(hot.sum()) > _DENSE_SHARE * hot.numel():
-            self.consume_dense(q_lo, g0, tile if queries_on_rows else tile.T, q_hi - q_lo)
-        else:
-            got = _scan(tile, bands, hot, self.floor[rows], self.top[rows], queries_on_rows)
-            self.consume(q_lo, g0, got, q_hi - q_lo)
+            candidates = (tile >= floor[:, None]) if queries_on_rows else (tile >= floor[None, :])
+            if float(candidates.sum()) > _DENSE_SHARE * candidates.numel():
+                self.consume_dense(q_lo, g0, tile if queries_on_rows else tile.T, q_hi - q_lo)
+                return
+        self.consume(q_lo, g0, _scan(tile, bands, hot, floor, self.top[rows], queries_on_rows), q_hi - q_lo)
 
     def consume_dense(self, q0: int, g0: int, values: torch.Tensor, rows: int) -> None:
         """Classify every element of the live rows at once (queries on rows): cheaper when most are candidates.
