@@ -58,6 +58,7 @@ from .retrieval import (
     BinaryScorer,
     FloatScorer,
     LabelGroups,
+    all_dense,
     cosine_from_score,
     default_block_size,
     metrics_from_ranks,
@@ -179,7 +180,8 @@ def _scorer(name: str, xq, xg, device, float_tiles: str, groups: LabelGroups, ma
     if name == "binary":
         return BinaryScorer(xq, xg, device)
     scorer = FloatScorer(xq, xg, device, low_precision=None if float_tiles == "auto" else float_tiles)
-    if float_tiles == "auto" and scorer.low_precision != "fp64" and _crowded(scorer, groups, max_k, seed):
+    if (float_tiles == "auto" and scorer.low_precision != "fp64" and not all_dense(groups)
+            and _crowded(scorer, groups, max_k, seed)):
         return FloatScorer(xq, xg, device, low_precision="fp64")
     return scorer
 

@@ -755,6 +755,11 @@ def query_chunks(count: np.ndarray, budget: int) -> list[tuple[int, int]]:
     return chunks
 
 
+def all_dense(groups: LabelGroups) -> bool:
+    """Whether every query's class is large enough for the whole-row ranking (tile precision then unused)."""
+    return bool(len(groups.count)) and bool(groups.count.min() * DENSE_CLASS_RATIO >= len(groups.gallery_label))
+
+
 def rank_queries(scorer, groups: LabelGroups, max_k: int, *, symmetric: bool, block_size: int,
                  budget: int | None = None) -> QueryRanks:
     """Exact first-match rank, AP@R and R-precision of every query, a chunk of queries at a time.
@@ -826,10 +831,14 @@ def _rank_dense(scorer, groups: LabelGroups, c0: int, c1: int, budget: int, thre
             positive = torch.full((r1 - r0, max(1, int(count.max()) if len(count) else 1)), 0, dtype=scores.dtype,
                                   device=device)
             positive[local_t, slot] = scores[local_t, gallery_t]
-            at_most, below = _count_at_most(scores, positive, threads)
-            rank = num_gallery - at_most  # scores strictly above
             valid = torch.arange(positive.shape[1], device=device)[None, :] < count[:, None]
-            tied_rows = ((at_most - below > 1) & valid).any(1).nonzero().squeeze(1)
+            if num_gallery <= _SHORT_ROWS:  # short rows: one stable sort of the block costs less than a loop
+                rank = torch.zeros(positive.shape, dtype=torch.int64, device=device)
+                tied_rows = torch.arange(r1 - r0, device=device)
+            else:
+                at_most, below = _count_at_most(scores, positive, threads)
+                rank = num_gallery - at_most  # scores strictly above
+                tied_rows = ((at_most - below > 1) & valid).any(1).nonzero().squeeze(1)
             if tied_rows.numel():
                 rank[tied_rows] = _tied_ranks(scores[tied_rows], positive.shape[1], local_t, gallery_t, tied_rows)
             del scores
@@ -889,6 +898,9 @@ def _tied_ranks(scores: torch.Tensor, width: int, local: torch.Tensor, gallery: 
     ranks[which[pick], slot[pick]] = position[which[pick], gallery[pick]]
     return ranks
 
+
+# Galleries up to this size are ranked by a stable sort of whole blocks of rows (no per-row loop).
+_SHORT_ROWS = 4096
 
 # Classes at least this large have their positives scored as one matrix product per class.
 _BLOCK_CLASS = 64
