@@ -840,7 +840,7 @@ def _rank_dense(scorer, groups: LabelGroups, c0: int, c1: int, budget: int, thre
                 rank = num_gallery - at_most  # scores strictly above
                 tied_rows = ((at_most - below > 1) & valid).any(1).nonzero().squeeze(1)
             if tied_rows.numel():
-                rank[tied_rows] = _tied_ranks(scores[tied_rows], positive.shape[1], local_t, gallery_t, tied_rows)
+                rank[tied_rows] = _tied_ranks(scores[tied_rows], positive.shape[1], local_t, gallery_t, tied_rows, r1 - r0)
             del scores
         rank = torch.from_numpy(np.sort(torch.where(valid, rank, torch.iinfo(torch.int64).max).cpu().numpy(), axis=1)).to(device)
         position = torch.arange(rank.shape[1], device=device)[None, :]
@@ -882,18 +882,20 @@ def _count_at_most(scores: torch.Tensor, values: torch.Tensor, threads: int):
     return torch.from_numpy(at_most).to(scores.device), torch.from_numpy(below).to(scores.device)
 
 
-def _tied_ranks(scores: torch.Tensor, width: int, local: torch.Tensor, gallery: torch.Tensor, rows: torch.Tensor):
+def _tied_ranks(scores: torch.Tensor, width: int, local: torch.Tensor, gallery: torch.Tensor, rows: torch.Tensor,
+                num_rows: int):
     """Exact ranks of the positives of ``rows`` (with exact ties) by a stable sort: ties in gallery order."""
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices
     position = torch.empty_like(order)
     position.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order).contiguous())
     ranks = torch.zeros((len(rows), width), dtype=torch.int64, device=order.device)
-    lookup = torch.full((int(local.max()) + 1 if len(local) else 1,), -1, dtype=torch.int64, device=order.device)
+    # sized by the block, not by the last row with positives: trailing rows may have none
+    lookup = torch.full((num_rows,), -1, dtype=torch.int64, device=order.device)
     lookup[rows] = torch.arange(len(rows), device=order.device)
     which = lookup[local]
     pick = which >= 0
     slot = torch.arange(len(local), device=order.device)
-    counts = torch.bincount(local, minlength=int(local.max()) + 1 if len(local) else 1)
+    counts = torch.bincount(local, minlength=num_rows)
     slot = slot - (torch.cumsum(counts, 0) - counts)[local]
     ranks[which[pick], slot[pick]] = position[which[pick], gallery[pick]]
     return ranks
