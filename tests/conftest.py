@@ -96,3 +96,35 @@ def trained_run(tmp_path_factory):
     run_dir = base / "run"
     train_embedder(tiny_config(root, run_dir, dataset="folder", num_steps=1, dim=16))
     return run_dir, root
+
+
+@pytest.fixture(scope="session")
+def search_run(tmp_path_factory):
+    """A tiny trained run whose embeddings spread out (dim 64; ``trained_run``'s model, dim 16, maps all its
+    images to nearly one point and one sign pattern), its 48 images, and their embeddings file:
+    ``(run_dir, data_root, embeddings_file)``. For the index, search, service and page tests."""
+    from fixtures import tiny_config, write_folder
+
+    from normsoftmax import train_embedder
+    from normsoftmax.config import EmbedConfig
+    from normsoftmax.embedding import embed_files
+
+    base = tmp_path_factory.mktemp("search_run")
+    root = write_folder(base / "data", num_classes=8, images_per_class=6)
+    train_embedder(tiny_config(root, base / "run", dataset="folder", num_steps=1, dim=64, lr=0.01))
+    embed_files(EmbedConfig(checkpoint=str(base / "run"), images=str(root), out=str(base / "all.npz"), workers=0,
+                            progress=False))
+    return base / "run", root, base / "all.npz"
+
+
+@pytest.fixture(scope="session")
+def search_index(search_run, tmp_path_factory):
+    """``search_run``'s 48 images in a flat index (float + binary): ``(run_dir, index_dir, embeddings)``."""
+    from normsoftmax.config import IndexBuildConfig
+    from normsoftmax.embedding import read_embeddings
+    from normsoftmax.search import build_index
+
+    run_dir, _, embeddings = search_run
+    index_dir = tmp_path_factory.mktemp("search_index") / "index"
+    build_index(IndexBuildConfig(embeddings=str(embeddings), out=str(index_dir)))
+    return run_dir, index_dir, read_embeddings(embeddings)

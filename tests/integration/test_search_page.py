@@ -7,9 +7,8 @@ import shutil
 import numpy as np
 import pytest
 
-from normsoftmax.config import EmbedConfig, IndexBuildConfig, ServeConfig
-from normsoftmax.embedding import embed_files, read_embeddings
-from normsoftmax.search import BackgroundServer, SearchIndex, build_index, create_app
+from normsoftmax.config import ServeConfig
+from normsoftmax.search import BackgroundServer, SearchIndex, create_app
 from normsoftmax.training.checkpoint import load_embedder
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
@@ -43,22 +42,13 @@ def browser(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """A tiny trained run (dim 64), its 48 images in a flat index, served on 127.0.0.1:
+def served(search_index):
+    """The shared tiny run (dim 64), its 48 images in a flat index, served on 127.0.0.1:
     ``(base_url, embeddings)``."""
-    from fixtures import tiny_config, write_folder
-
-    from normsoftmax import train_embedder
-
-    base = tmp_path_factory.mktemp("page")
-    root = write_folder(base / "data", num_classes=8, images_per_class=6)
-    train_embedder(tiny_config(root, base / "run", dataset="folder", num_steps=1, dim=64, lr=0.01))
-    embed_files(EmbedConfig(checkpoint=str(base / "run"), images=str(root), out=str(base / "all.npz"), workers=0,
-                            progress=False))
-    build_index(IndexBuildConfig(embeddings=str(base / "all.npz"), out=str(base / "index")))
-    app = create_app(load_embedder(base / "run", "cpu"), SearchIndex.open(base / "index"), ServeConfig(device="cpu"))
+    run_dir, index_dir, embeddings = search_index
+    app = create_app(load_embedder(run_dir, "cpu"), SearchIndex.open(index_dir), ServeConfig(device="cpu"))
     with BackgroundServer(app) as server:
-        yield server.url, read_embeddings(base / "all.npz")
+        yield server.url, embeddings
 
 
 def _wait_for_results(driver, timeout: float = 60):

@@ -19,9 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
-from normsoftmax.config import EmbedConfig, IndexBuildConfig, ServeConfig
-from normsoftmax.embedding import embed_files, read_embeddings
-from normsoftmax.search import BackgroundServer, SearchIndex, build_index, create_app
+from normsoftmax.config import ServeConfig
+from normsoftmax.search import BackgroundServer, SearchIndex, create_app
 from normsoftmax.training.checkpoint import load_checkpoint, load_embedder
 
 MAX_UPLOAD_MB = 0.25
@@ -39,20 +38,9 @@ def png_declaring(width: int, height: int) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def indexed(tmp_path_factory):
-    """A tiny trained run (dim 64: its embeddings spread out), its 48 images embedded, and a flat index:
-    ``(run_dir, index_dir, embeddings)``."""
-    from fixtures import tiny_config, write_folder
-
-    from normsoftmax import train_embedder
-
-    base = tmp_path_factory.mktemp("served")
-    root = write_folder(base / "data", num_classes=8, images_per_class=6)
-    train_embedder(tiny_config(root, base / "run", dataset="folder", num_steps=1, dim=64, lr=0.01))
-    embed_files(EmbedConfig(checkpoint=str(base / "run"), images=str(root), out=str(base / "all.npz"), workers=0,
-                            progress=False))
-    build_index(IndexBuildConfig(embeddings=str(base / "all.npz"), out=str(base / "index")))
-    return base / "run", base / "index", read_embeddings(base / "all.npz")
+def indexed(search_index):
+    """The shared tiny run (dim 64), its 48 images embedded and in a flat index: ``(run_dir, index_dir, embeddings)``."""
+    return search_index
 
 
 @pytest.fixture(scope="module")

@@ -59,10 +59,13 @@ def raw_pixel_embeddings(paths: list[str], size: int) -> np.ndarray:
 
 
 def _table(results: dict) -> str:
-    header = f"{'embedding':<14}" + "".join(f"{'R@' + str(k):>8}" for k in DEMO_KS) + f"{'MAP@R':>8}" + "   | binary " + "".join(f"{'R@' + str(k):>8}" for k in DEMO_KS)
+    width = max(14, *(len(name) + 1 for name in results))
+    header = (f"{'embedding':<{width}}" + "".join(f"{'R@' + str(k):>8}" for k in DEMO_KS) + f"{'MAP@R':>8}"
+              + "   | binary " + "".join(f"{'R@' + str(k):>8}" for k in DEMO_KS))
     rows = [header, "-" * len(header)]
     for name, result in results.items():
-        row = f"{name:<14}" + "".join(f"{result['float'][f'recall@{k}']:8.2f}" for k in DEMO_KS) + f"{result['float']['map@r']:8.2f}"
+        row = (f"{name:<{width}}" + "".join(f"{result['float'][f'recall@{k}']:8.2f}" for k in DEMO_KS)
+               + f"{result['float']['map@r']:8.2f}")
         row += "   |        " + "".join(f"{result['binary'][f'recall@{k}']:8.2f}" for k in DEMO_KS)
         rows.append(row)
     return "\n".join(rows)

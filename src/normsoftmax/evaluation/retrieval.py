@@ -803,9 +803,8 @@ def _rank_dense(scorer, groups: LabelGroups, c0: int, c1: int, budget: int, thre
     """First rank, AP@R and R-precision of queries c0..c1-1 from whole rows of scores.
 
     Scores come from one matrix product per block of rows (:meth:`block_scores`); identical gallery vectors
-    get their first twin's score. A positive's rank is the number of scores above it, found in the row
-    sorted by value (a vectorised sort, far faster than an index sort), plus, where scores tie exactly,
-    the tied items of lower gallery index (those rows are ranked by a stable index sort instead).
+    get their first twin's score. Each row is sorted once (:func:`_positive_ranks`) and its positives'
+    ranks read off in order, as a brute force would, without the brute force's second pass over the row.
     """
     device = scorer.device
     num_gallery = len(groups.gallery_label)
@@ -824,25 +823,16 @@ def _rank_dense(scorer, groups: LabelGroups, c0: int, c1: int, budget: int, thre
             if groups.exclude_self:  # below everything: never counted above a positive
                 lowest = torch.finfo(scores.dtype).min if scores.dtype.is_floating_point else torch.iinfo(scores.dtype).min
                 scores[torch.arange(r1 - r0, device=device), queries] = lowest
-            local, gallery = groups.pairs(r0, r1)
-            count = torch.from_numpy(groups.count[r0:r1]).to(device)
-            slot = torch.arange(len(local), device=device) - torch.from_numpy(np.repeat(np.cumsum(groups.count[r0:r1]) - groups.count[r0:r1], groups.count[r0:r1])).to(device)
-            local_t, gallery_t = torch.from_numpy(local).to(device), torch.from_numpy(gallery).to(device)
-            positive = torch.full((r1 - r0, max(1, int(count.max()) if len(count) else 1)), 0, dtype=scores.dtype,
-                                  device=device)
-            positive[local_t, slot] = scores[local_t, gallery_t]
-            valid = torch.arange(positive.shape[1], device=device)[None, :] < count[:, None]
-            if num_gallery <= _SHORT_ROWS:  # short rows: one stable sort of the block costs less than a loop
-                rank = torch.zeros(positive.shape, dtype=torch.int64, device=device)
-                tied_rows = torch.arange(r1 - r0, device=device)
-            else:
-                at_most, below = _count_at_most(scores, positive, threads)
-                rank = num_gallery - at_most  # scores strictly above
-                tied_rows = ((at_most - below > 1) & valid).any(1).nonzero().squeeze(1)
-            if tied_rows.numel():
-                rank[tied_rows] = _tied_ranks(scores[tied_rows], positive.shape[1], local_t, gallery_t, tied_rows, r1 - r0)
-            del scores
-        rank = torch.from_numpy(np.sort(torch.where(valid, rank, torch.iinfo(torch.int64).max).cpu().numpy(), axis=1)).to(device)
+            positive = groups.gallery_label[None, :] == groups.query_label[r0:r1, None]
+            if groups.exclude_self:
+                positive[np.arange(r1 - r0), np.arange(r0, r1)] = False
+            counts = groups.count[r0:r1]
+            # twins tie exactly: their rows go straight to the stable sort
+            twins = getattr(scorer, "has_duplicates", False) and scores.dtype.is_floating_point
+            rank = torch.from_numpy(_positive_ranks(scores.cpu().numpy(), positive, counts, threads, twins)).to(device)
+            del scores, positive
+        count = torch.from_numpy(counts).to(device)
+        valid = torch.arange(rank.shape[1], device=device)[None, :] < count[:, None]
         position = torch.arange(rank.shape[1], device=device)[None, :]
         within = valid & (rank < count[:, None])
         r = count.clamp_min(1).to(torch.float64)
@@ -854,24 +844,33 @@ def _rank_dense(scorer, groups: LabelGroups, c0: int, c1: int, budget: int, thre
     return first, ap, rp
 
 
-def _count_at_most(scores: torch.Tensor, values: torch.Tensor, threads: int):
-    """Per row: how many scores are ``<=`` and ``<`` each value. Rows are sorted by numpy's vectorised sort
-    and searched with sorted needles (walking the row once rather than probing it at random), on
-    ``threads`` threads: numpy releases the GIL for both."""
+def _positive_ranks(rows: np.ndarray, positive: np.ndarray, counts: np.ndarray, threads: int,
+                    ties_expected: bool = False) -> np.ndarray:
+    """Per row, the ranks of its positives in ascending order (padded with the int64 maximum): their
+    positions in the row sorted by descending score, exact ties in gallery order.
+
+    numpy's quicksort (vectorised where the CPU allows) orders a row; only a row whose sorted scores hold an
+    exact tie is sorted again with the stable sort, on its negated scores, so that tied items keep gallery
+    order (``ties_expected``: every row goes to the stable sort at once). Rows are shared out over
+    ``threads`` threads: numpy releases the GIL while sorting.
+    """
     from concurrent.futures import ThreadPoolExecutor
 
-    rows = scores.cpu().numpy()
-    needles = values.cpu().numpy()
-    at_most = np.empty(needles.shape, dtype=np.int64)
-    below = np.empty(needles.shape, dtype=np.int64)
+    width = max(1, int(counts.max()) if len(counts) else 1)
+    ranks = np.full((rows.shape[0], width), np.iinfo(np.int64).max, dtype=np.int64)
 
     def work(lo: int, hi: int) -> None:
         for i in range(lo, hi):
-            row = np.sort(rows[i])
-            order = np.argsort(needles[i])
-            wanted = needles[i, order]
-            at_most[i, order] = np.searchsorted(row, wanted, side="right")
-            below[i, order] = np.searchsorted(row, wanted, side="left")
+            row = rows[i]
+            if ties_expected:
+                order = np.argsort(-row, kind="stable")
+            else:
+                order = np.argsort(row)[::-1]
+                ordered = row[order]
+                if (ordered[1:] == ordered[:-1]).any():
+                    order = np.argsort(-row, kind="stable")
+            hits = np.flatnonzero(positive[i, order])
+            ranks[i, :len(hits)] = hits
 
     if threads <= 1 or rows.size < (1 << 20):  # small: starting threads costs more than it saves
         work(0, rows.shape[0])
@@ -879,30 +878,8 @@ def _count_at_most(scores: torch.Tensor, values: torch.Tensor, threads: int):
         edges = np.linspace(0, rows.shape[0], threads + 1).astype(int)
         with ThreadPoolExecutor(max_workers=threads) as pool:
             list(pool.map(work, edges[:-1], edges[1:]))
-    return torch.from_numpy(at_most).to(scores.device), torch.from_numpy(below).to(scores.device)
-
-
-def _tied_ranks(scores: torch.Tensor, width: int, local: torch.Tensor, gallery: torch.Tensor, rows: torch.Tensor,
-                num_rows: int):
-    """Exact ranks of the positives of ``rows`` (with exact ties) by a stable sort: ties in gallery order."""
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-    position = torch.empty_like(order)
-    position.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order).contiguous())
-    ranks = torch.zeros((len(rows), width), dtype=torch.int64, device=order.device)
-    # sized by the block, not by the last row with positives: trailing rows may have none
-    lookup = torch.full((num_rows,), -1, dtype=torch.int64, device=order.device)
-    lookup[rows] = torch.arange(len(rows), device=order.device)
-    which = lookup[local]
-    pick = which >= 0
-    slot = torch.arange(len(local), device=order.device)
-    counts = torch.bincount(local, minlength=num_rows)
-    slot = slot - (torch.cumsum(counts, 0) - counts)[local]
-    ranks[which[pick], slot[pick]] = position[which[pick], gallery[pick]]
     return ranks
 
-
-# Galleries up to this size are ranked by a stable sort of whole blocks of rows (no per-row loop).
-_SHORT_ROWS = 4096
 
 # Classes at least this large have their positives scored as one matrix product per class.
 _BLOCK_CLASS = 64

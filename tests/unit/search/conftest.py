@@ -53,22 +53,3 @@ def embeddings_file(tmp_path):
 def clustered_vectors():
     """:func:`clustered`, for tests."""
     return clustered
-
-
-@pytest.fixture(scope="session")
-def search_run(tmp_path_factory):
-    """A tiny trained run whose embeddings spread out (dim 64; the shared ``trained_run`` model, dim 16, maps
-    all its images to nearly one point and one sign pattern), its images, and their embeddings file:
-    ``(run_dir, data_root, embeddings_file)``."""
-    from fixtures import tiny_config, write_folder
-
-    from normsoftmax import train_embedder
-    from normsoftmax.config import EmbedConfig
-    from normsoftmax.embedding import embed_files
-
-    base = tmp_path_factory.mktemp("search_run")
-    root = write_folder(base / "data", num_classes=8, images_per_class=6)
-    train_embedder(tiny_config(root, base / "run", dataset="folder", num_steps=1, dim=64, lr=0.01))
-    embed_files(EmbedConfig(checkpoint=str(base / "run"), images=str(root), out=str(base / "all.npz"), workers=0,
-                            progress=False))
-    return base / "run", root, base / "all.npz"
