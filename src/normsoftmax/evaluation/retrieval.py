@@ -810,72 +810,88 @@ def _rank_dense(scorer, groups: LabelGroups, c0: int, c1: int, budget: int, thre
     num_gallery = len(groups.gallery_label)
     members = torch.arange(num_gallery, device=device)
     step = max(1, budget // max(1, num_gallery))
+    representatives = twin_of = None
+    if getattr(scorer, "has_duplicates", False):
+        representatives, twin_of = torch.unique(scorer.canon, return_inverse=True)
     out = []
     for r0 in range(c0, c1, step):
         r1 = min(c1, r0 + step)
         queries = torch.arange(r0, r1, device=device)
         with _num_threads(threads):
-            scores = scorer.block_scores(queries, members)
-            if getattr(scorer, "has_duplicates", False):
-                scores = scores[:, scorer.canon]
-            if not scores.dtype.is_floating_point:  # integer scores: fold the gallery order in, no ties left
-                scores = scores * num_gallery + (num_gallery - 1 - members)[None, :]
-            if groups.exclude_self:  # below everything: never counted above a positive
-                lowest = torch.finfo(scores.dtype).min if scores.dtype.is_floating_point else torch.iinfo(scores.dtype).min
-                scores[torch.arange(r1 - r0, device=device), queries] = lowest
+            if representatives is not None:  # each distinct vector scored once, copied to its twins
+                scores = scorer.block_scores(queries, representatives)[:, twin_of]
+            else:
+                scores = scorer.block_scores(queries, members)
+            keys, stable = _sort_keys(scores.cpu().numpy(), np.arange(r1 - r0), np.arange(r0, r1), groups.exclude_self,
+                                      getattr(scorer, "has_duplicates", False))
+            del scores
             positive = groups.gallery_label[None, :] == groups.query_label[r0:r1, None]
             if groups.exclude_self:
                 positive[np.arange(r1 - r0), np.arange(r0, r1)] = False
             counts = groups.count[r0:r1]
-            # twins tie exactly: their rows go straight to the stable sort
-            twins = getattr(scorer, "has_duplicates", False) and scores.dtype.is_floating_point
-            rank = torch.from_numpy(_positive_ranks(scores.cpu().numpy(), positive, counts, threads, twins)).to(device)
-            del scores, positive
-        count = torch.from_numpy(counts).to(device)
-        valid = torch.arange(rank.shape[1], device=device)[None, :] < count[:, None]
-        position = torch.arange(rank.shape[1], device=device)[None, :]
-        within = valid & (rank < count[:, None])
-        r = count.clamp_min(1).to(torch.float64)
-        first = torch.where(count > 0, rank[:, 0], -1)
-        ap = torch.where(within, (position + 1).to(torch.float64) / (rank + 1).to(torch.float64), 0.0).sum(1) / r
-        rp = within.sum(1).to(torch.float64) / r
-        out.append((first, ap, rp))
-    first, ap, rp = (torch.cat(parts).cpu().numpy() for parts in zip(*out))
+            rank = _positive_ranks(keys, positive, counts, threads, stable)
+            del keys, positive
+        # padding holds the int64 maximum: never within R
+        within = rank < counts[:, None]
+        share = np.divide(np.arange(1, rank.shape[1] + 1, dtype=np.float64)[None, :], rank + 1.0,
+                          out=np.zeros(rank.shape), where=within)
+        r = np.maximum(counts, 1).astype(np.float64)
+        out.append((np.where(counts > 0, rank[:, 0], -1), share.sum(1) / r, within.sum(1) / r))
+    first, ap, rp = (np.concatenate(parts) for parts in zip(*out))
     return first, ap, rp
 
 
-def _positive_ranks(rows: np.ndarray, positive: np.ndarray, counts: np.ndarray, threads: int,
-                    ties_expected: bool = False) -> np.ndarray:
-    """Per row, the ranks of its positives in ascending order (padded with the int64 maximum): their
-    positions in the row sorted by descending score, exact ties in gallery order.
+def _sort_keys(scores: np.ndarray, rows: np.ndarray, selves: np.ndarray, exclude_self: bool, twins: bool):
+    """Ascending sort keys for rows of scores (higher score first), and whether every row needs the stable sort.
 
-    numpy's quicksort (vectorised where the CPU allows) orders a row; only a row whose sorted scores hold an
-    exact tie is sorted again with the stable sort, on its negated scores, so that tied items keep gallery
-    order (``ties_expected``: every row goes to the stable sort at once). Rows are shared out over
-    ``threads`` threads: numpy releases the GIL while sorting.
+    Integer scores (binary codes: dot products in [-dim, dim]) tie often; negated into int16 where they
+    fit, numpy's stable sort of them is a radix sort, linear in the row. Float scores tie only exactly
+    (identical vectors, ``twins``: those rows all go to the stable sort). In leave-one-out the query's own
+    item takes the largest key: last, never counted above a positive.
+    """
+    if np.issubdtype(scores.dtype, np.integer):
+        bound = int(np.abs(scores).max()) if scores.size else 0
+        keys = np.negative(scores).astype(np.int16 if bound < np.iinfo(np.int16).max else np.int64, copy=False)
+        largest, stable = np.iinfo(keys.dtype).max, True
+    else:
+        keys = np.negative(scores)
+        largest, stable = np.inf, twins
+    if exclude_self:
+        keys[rows, selves] = largest
+    return keys, stable
+
+
+def _positive_ranks(keys: np.ndarray, positive: np.ndarray, counts: np.ndarray, threads: int,
+                    stable: bool = False) -> np.ndarray:
+    """Per row, the ranks of its positives in ascending order (padded with the int64 maximum): their
+    positions in the row sorted by ascending key, equal keys in gallery order.
+
+    numpy's quicksort (vectorised where the CPU allows) orders a row; only a row whose sorted keys hold an
+    exact tie is sorted again with the stable sort (``stable``: every row goes to the stable sort at once).
+    Rows are shared out over ``threads`` threads: numpy releases the GIL while sorting.
     """
     from concurrent.futures import ThreadPoolExecutor
 
     width = max(1, int(counts.max()) if len(counts) else 1)
-    ranks = np.full((rows.shape[0], width), np.iinfo(np.int64).max, dtype=np.int64)
+    ranks = np.full((keys.shape[0], width), np.iinfo(np.int64).max, dtype=np.int64)
 
     def work(lo: int, hi: int) -> None:
         for i in range(lo, hi):
-            row = rows[i]
-            if ties_expected:
-                order = np.argsort(-row, kind="stable")
+            row = keys[i]
+            if stable:
+                order = np.argsort(row, kind="stable")
             else:
-                order = np.argsort(row)[::-1]
+                order = np.argsort(row)
                 ordered = row[order]
                 if (ordered[1:] == ordered[:-1]).any():
-                    order = np.argsort(-row, kind="stable")
+                    order = np.argsort(row, kind="stable")
             hits = np.flatnonzero(positive[i, order])
             ranks[i, :len(hits)] = hits
 
-    if threads <= 1 or rows.size < (1 << 20):  # small: starting threads costs more than it saves
-        work(0, rows.shape[0])
+    if threads <= 1 or keys.size < (1 << 20):  # small: starting threads costs more than it saves
+        work(0, keys.shape[0])
     else:
-        edges = np.linspace(0, rows.shape[0], threads + 1).astype(int)
+        edges = np.linspace(0, keys.shape[0], threads + 1).astype(int)
         with ThreadPoolExecutor(max_workers=threads) as pool:
             list(pool.map(work, edges[:-1], edges[1:]))
     return ranks

@@ -66,7 +66,6 @@ from ..runtime import (
     loader_settings,
     loader_workers,
     resolve_amp,
-    resolve_device,
     restore_rng_state,
     rng_state,
     seed_everything,
@@ -200,7 +199,8 @@ def build_run(config: TrainConfig) -> TrainingRun | Path:
     config.validate()
     dist = Distributed.from_environment(config.device)
     device = dist.device(config.device)
-    config = config_from_dict(TrainConfig, {**asdict(config), "amp": resolve_amp(config.amp, device)})
+    # every rank trains in rank 0's precision (on a CPU, ``auto`` may rest on a timing probe)
+    config = config_from_dict(TrainConfig, {**asdict(config), "amp": dist.broadcast(resolve_amp(config.amp, device))})
     run_dir = _run_directory(config, dist, resume_file, resume_state)
 
     seed_everything(config.seed, 0)
@@ -256,7 +256,8 @@ def differing_fields(config: TrainConfig, stored: dict) -> list[str]:
     """The settings in which ``config`` differs from a run's stored config (those a resume may change aside)."""
     ignored = set(RESUME_OVERRIDES) | {"resume", "run_dir", "output"}
     current = asdict(config)
-    current["amp"] = resolve_amp(config.amp, resolve_device(config.device))  # stored runs hold the resolved value
+    if config.amp == "auto":  # stored runs hold the resolved value, which auto accepts
+        ignored.add("amp")
     return sorted(key for key in current if key not in ignored and key in stored and stored[key] != current[key])
 
 
