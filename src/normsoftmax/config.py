@@ -123,8 +123,9 @@ class TrainConfig:
     crop: int = option(224)
     hflip: bool = option(True, "random horizontal flips")
     keep_aspect: bool = option(False, "resize the shorter side instead of to a square")
-    amp: str = option("auto", "mixed precision: auto (bf16 on GPUs that have it and CPUs with AMX, else float32), "
-                              "none, bf16, fp16", choices=AMP_CHOICES)
+    amp: str = option("auto", "mixed precision: auto (bf16 on GPUs that have it, on CPUs with AMX, and on CPUs with "
+                              "AVX-512 BF16 where a one-second probe finds it 1.5x faster; else float32), none, bf16, "
+                              "fp16", choices=AMP_CHOICES)
     compile: bool = option(False, "torch.compile the training step (faster steps after a compilation of minutes)")
     channels_last: bool = option(True, "channels-last memory layout (faster convolutions on CPUs and GPUs)")
     eval_batch_size: int = option(0, "0: same as batch_size")

@@ -755,9 +755,14 @@ def query_chunks(count: np.ndarray, budget: int) -> list[tuple[int, int]]:
     return chunks
 
 
+def is_dense(positives_per_query: float, num_gallery: int) -> bool:
+    """Whether queries with this many positives are ranked by sorting whole rows (:func:`_rank_dense`)."""
+    return positives_per_query * DENSE_CLASS_RATIO >= num_gallery
+
+
 def all_dense(groups: LabelGroups) -> bool:
     """Whether every query's class is large enough for the whole-row ranking (tile precision then unused)."""
-    return bool(len(groups.count)) and bool(groups.count.min() * DENSE_CLASS_RATIO >= len(groups.gallery_label))
+    return bool(len(groups.count)) and bool(is_dense(groups.count.min(), len(groups.gallery_label)))
 
 
 def rank_queries(scorer, groups: LabelGroups, max_k: int, *, symmetric: bool, block_size: int,
@@ -777,7 +782,7 @@ def rank_queries(scorer, groups: LabelGroups, max_k: int, *, symmetric: bool, bl
     threads = torch.get_num_threads()
     num_gallery = len(groups.gallery_label)
     for c0, c1 in query_chunks(groups.count, budget):
-        if groups.count[c0:c1].mean() * DENSE_CLASS_RATIO >= num_gallery:
+        if is_dense(groups.count[c0:c1].mean(), num_gallery):
             # Classes so large that most of each row would be candidates anyway: sort whole rows instead.
             f, ap[c0:c1], rp[c0:c1] = _rank_dense(scorer, groups, c0, c1, budget, threads)
             first[c0:c1] = np.where(f < max_k, f, -1)
@@ -810,8 +815,9 @@ def _rank_dense(scorer, groups: LabelGroups, c0: int, c1: int, budget: int, thre
     num_gallery = len(groups.gallery_label)
     members = torch.arange(num_gallery, device=device)
     step = max(1, budget // max(1, num_gallery))
+    twins = getattr(scorer, "has_duplicates", False)
     representatives = twin_of = None
-    if getattr(scorer, "has_duplicates", False):
+    if twins:
         representatives, twin_of = torch.unique(scorer.canon, return_inverse=True)
     out = []
     for r0 in range(c0, c1, step):
@@ -822,12 +828,12 @@ def _rank_dense(scorer, groups: LabelGroups, c0: int, c1: int, budget: int, thre
                 scores = scorer.block_scores(queries, representatives)[:, twin_of]
             else:
                 scores = scorer.block_scores(queries, members)
-            keys, stable = _sort_keys(scores.cpu().numpy(), np.arange(r1 - r0), np.arange(r0, r1), groups.exclude_self,
-                                      getattr(scorer, "has_duplicates", False))
+            selves = np.arange(r0, r1) if groups.exclude_self else None  # each row's own gallery item
+            keys, stable = _sort_keys(scores.cpu().numpy(), selves, twins)
             del scores
             positive = groups.gallery_label[None, :] == groups.query_label[r0:r1, None]
-            if groups.exclude_self:
-                positive[np.arange(r1 - r0), np.arange(r0, r1)] = False
+            if selves is not None:
+                positive[np.arange(r1 - r0), selves] = False
             counts = groups.count[r0:r1]
             rank = _positive_ranks(keys, positive, counts, threads, stable)
             del keys, positive
@@ -841,13 +847,13 @@ def _rank_dense(scorer, groups: LabelGroups, c0: int, c1: int, budget: int, thre
     return first, ap, rp
 
 
-def _sort_keys(scores: np.ndarray, rows: np.ndarray, selves: np.ndarray, exclude_self: bool, twins: bool):
+def _sort_keys(scores: np.ndarray, selves: np.ndarray | None, twins: bool):
     """Ascending sort keys for rows of scores (higher score first), and whether every row needs the stable sort.
 
     Integer scores (binary codes: dot products in [-dim, dim]) tie often; negated into int16 where they
     fit, numpy's stable sort of them is a radix sort, linear in the row. Float scores tie only exactly
-    (identical vectors, ``twins``: those rows all go to the stable sort). In leave-one-out the query's own
-    item takes the largest key: last, never counted above a positive.
+    (identical vectors, ``twins``: those rows all go to the stable sort). In leave-one-out row i's own item,
+    ``selves[i]``, takes the largest key: last, never counted above a positive.
     """
     if np.issubdtype(scores.dtype, np.integer):
         bound = int(np.abs(scores).max()) if scores.size else 0
@@ -856,8 +862,8 @@ def _sort_keys(scores: np.ndarray, rows: np.ndarray, selves: np.ndarray, exclude
     else:
         keys = np.negative(scores)
         largest, stable = np.inf, twins
-    if exclude_self:
-        keys[rows, selves] = largest
+    if selves is not None:
+        keys[np.arange(len(selves)), selves] = largest
     return keys, stable
 
 

@@ -199,8 +199,9 @@ def build_run(config: TrainConfig) -> TrainingRun | Path:
     config.validate()
     dist = Distributed.from_environment(config.device)
     device = dist.device(config.device)
-    # every rank trains in rank 0's precision (on a CPU, ``auto`` may rest on a timing probe)
-    config = config_from_dict(TrainConfig, {**asdict(config), "amp": dist.broadcast(resolve_amp(config.amp, device))})
+    # every rank trains in rank 0's precision: on a CPU, ``auto`` may rest on a timing probe, run once
+    amp = dist.broadcast(resolve_amp(config.amp, device) if dist.is_main else None)
+    config = config_from_dict(TrainConfig, {**asdict(config), "amp": amp})
     run_dir = _run_directory(config, dist, resume_file, resume_state)
 
     seed_everything(config.seed, 0)
