@@ -31,9 +31,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from normsoftmax.data.cache import array_train_transform, find_cache
-from normsoftmax.prepare.cache import build_cache
 from normsoftmax.data.images import ImageTransformConfig, load_rgb, train_transform
 from normsoftmax.data.records import DatasetRecords, ImageSet
+from normsoftmax.prepare.cache import build_cache
 
 
 def photo_like(width: int, height: int, seed: int) -> Image.Image:
@@ -70,7 +70,8 @@ def timed_pass(paths, step) -> tuple[float, float]:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=300)
-    parser.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds per path (median reported)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating measurement rounds per path (median reported)")
     parser.add_argument("--out", default=str(Path(__file__).with_name("datapath.json")))
     parser.add_argument("--workdir", default=None, help="keep the generated images here instead of a temporary folder")
     args = parser.parse_args(argv)

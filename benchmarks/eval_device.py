@@ -21,7 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from eval_scale import make_sop_like  # noqa: E402
-
 from normsoftmax.evaluation.metrics import evaluate_embeddings  # noqa: E402
 
 

@@ -145,7 +145,8 @@ def worker(case: str, method: str, scale: float, brute_queries: int) -> dict:
             out["subset_metrics"] = {}
             for kind in KINDS[case]:
                 pq = result["per_query"][kind]
-                out["subset_metrics"][kind] = metrics(pq["first_positive_rank"][subset], pq["average_precision"][subset],
+                out["subset_metrics"][kind] = metrics(pq["first_positive_rank"][subset],
+                                                      pq["average_precision"][subset],
                                                       pq["r_precision"][subset], pq["num_positives"][subset], ks)
     else:
         out["subset_metrics"] = {}

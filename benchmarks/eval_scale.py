@@ -309,7 +309,7 @@ def main(argv=None) -> dict:
         nl_b = labels[nbr_b[:, 1:]]
         faiss_binary = recall_walk(nl_b, labels, KS)
     # MAP@R from the kNN lists (not part of the timed reference approach)
-    for name, nl, res in (("float", nl_f, faiss_float), ("binary", nl_b, faiss_binary)):
+    for nl, res in ((nl_f, faiss_float), (nl_b, faiss_binary)):
         f, ap, rp, has = ranks_from_neighbours(nl, labels, counts)
         full = metrics_from_first_and_ranks(f, ap, rp, has)
         res["map@r"], res["r_precision"] = full["map@r"], full["r_precision"]
@@ -331,7 +331,8 @@ def main(argv=None) -> dict:
         first = per_query["first_positive_rank"].astype(np.float64)
         first[first < 0] = np.inf  # beyond the largest K, or no correct match
         ours_sub[kind] = metrics_from_first_and_ranks(first[sub], per_query["average_precision"][sub],
-                                                      per_query["r_precision"][sub], per_query["num_positives"][sub] > 0)
+                                                      per_query["r_precision"][sub],
+                                                      per_query["num_positives"][sub] > 0)
         faiss_sub[kind] = metrics_from_first_and_ranks(*ranks_from_neighbours(nl[sub], labels[sub], counts[sub]))
     report["ours_subset"], report["faiss_subset"] = ours_sub, faiss_sub
     del nbr_f, nbr_b, nl_f, nl_b

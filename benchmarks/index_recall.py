@@ -46,7 +46,7 @@ def clustered(count: int, dim: int, classes: int, spread: float, seed: int) -> n
 
 
 def recall(found: np.ndarray, exact: np.ndarray) -> float:
-    return float(np.mean([len(set(a[a >= 0]) & set(e)) / len(e) for a, e in zip(found, exact)]))
+    return float(np.mean([len(set(a[a >= 0]) & set(e)) / len(e) for a, e in zip(found, exact, strict=True)]))
 
 
 def speeds(search, queries: np.ndarray, single: int, repeats: int = 3) -> dict:

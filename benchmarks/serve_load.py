@@ -47,7 +47,7 @@ def prepare_default(work: Path) -> tuple[Path, Path]:
     """(run_dir, index_dir) of a small trained glyph model and its index, made once under ``work``."""
     from normsoftmax import train_embedder
     from normsoftmax.config import DemoConfig, EmbedConfig, IndexBuildConfig
-    from normsoftmax.demo.command import demo_train_config
+    from normsoftmax.demo.common import demo_train_config
     from normsoftmax.demo.glyphs import generate_glyph_dataset
     from normsoftmax.embedding import embed_files
     from normsoftmax.search import build_index
@@ -84,7 +84,7 @@ def model_alone(run_dir: Path, threads: int, batches=(1, 8, 32), seconds: float 
     uses): the most that batching can save, with no HTTP, decoding or search around it."""
     import torch
 
-    from normsoftmax.training.checkpoint import load_embedder
+    from normsoftmax.checkpoint import load_embedder
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -237,7 +237,7 @@ def run_modes(run_dir, index_dir, uploads, modes: dict, levels, total, k, rounds
         for process, _ in servers.values():
             stop_server(process)
     results = {name: [] for name in modes}
-    for (name, level), runs in measured.items():
+    for (name, _level), runs in measured.items():
         median = sorted(runs, key=lambda run: run["requests_per_s"])[len(runs) // 2]
         results[name].append({**median, "rounds_requests_per_s": [run["requests_per_s"] for run in runs],
                               "failed_all_rounds": sum(run["failed"] for run in runs),
@@ -246,10 +246,10 @@ def run_modes(run_dir, index_dir, uploads, modes: dict, levels, total, k, rounds
 
 
 def table(unbatched: list[dict], batched: list[dict]) -> str:
-    lines = ["| concurrency | unbatched req/s | p50 / p95 ms | batched req/s | p50 / p95 ms | mean batch | ratio | "
-             "model ms/req (unbatched / batched) | server CPU ms/req | client CPU ms/req |",
+    lines = [("| concurrency | unbatched req/s | p50 / p95 ms | batched req/s | p50 / p95 ms | mean batch | ratio | "
+              "model ms/req (unbatched / batched) | server CPU ms/req | client CPU ms/req |"),
              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for one, many in zip(unbatched, batched):
+    for one, many in zip(unbatched, batched, strict=True):
         lines.append(f"| {one['concurrency']} | {one['requests_per_s']} | {one['p50_ms']} / {one['p95_ms']} | "
                      f"{many['requests_per_s']} | {many['p50_ms']} / {many['p95_ms']} | {many['mean_batch']} | "
                      f"{many['requests_per_s'] / one['requests_per_s']:.2f} | {one['model_busy_ms_per_request']} / "
@@ -300,7 +300,7 @@ def main(argv=None) -> dict:
               "serve_threads": threads, "unbatched (max_batch 1)": unbatched,
               "batched (default)": batched,
               "ratio": {str(one["concurrency"]): round(many["requests_per_s"] / one["requests_per_s"], 2)
-                        for one, many in zip(unbatched, batched)}}
+                        for one, many in zip(unbatched, batched, strict=True)}}
     print(table(unbatched, batched))
     print(f"requests sent: {2 * len(levels) * args.rounds * args.requests}; failed: "
           f"{sum(r['failed_all_rounds'] for r in unbatched + batched)}; wrong first hits: "

@@ -42,7 +42,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from datapath import photo_like  # noqa: E402
-
 from normsoftmax.data.cache import array_train_transform, find_cache  # noqa: E402
 from normsoftmax.data.images import ImageDataset, ImageTransformConfig, collate_skipping, train_transform  # noqa: E402
 from normsoftmax.data.records import DatasetRecords, ImageSet  # noqa: E402
@@ -120,7 +119,8 @@ def measure(setting: Setting, records: DatasetRecords, device: torch.device, war
     while done < total:
         batches = SeededBatches(sampler, 0, epoch)
         sampler.set_epoch(epoch)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate_skipping, **loader_kwargs)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate_skipping,
+                                             **loader_kwargs)
         iterator = iter(loader)
         while done < total:
             started = time.perf_counter()
@@ -193,8 +193,9 @@ def main(argv=None) -> dict:
         base = results["reference"]["images_per_second"]
         report["ratio_over_reference"] = {name: r["images_per_second"] / base for name, r in results.items()
                                           if "error" not in r}
-        print(f"defaults / reference: {report['ratio_over_reference']['defaults']:.2f}x"
-              + (f"; defaults+cache / reference: {report['ratio_over_reference'].get('defaults+cache', 0):.2f}x"))
+        ratios = report["ratio_over_reference"]
+        print(f"defaults / reference: {ratios['defaults']:.2f}x; "
+              f"defaults+cache / reference: {ratios.get('defaults+cache', 0):.2f}x")
     report["load_average_end"] = os.getloadavg()
     Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.json}")

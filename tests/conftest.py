@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from archive_server import ArchiveServer
 from fixtures import write_cars196, write_cub200, write_inshop, write_sop
 
@@ -88,7 +89,6 @@ def trained_run(tmp_path_factory):
     """A tiny finished run on a folder dataset (8 classes x 6 images; the last 4 classes are the test split):
     ``(run_dir, data_root)``. For tests of what comes after training (embed, index, serve, report, export)."""
     from fixtures import tiny_config, write_folder
-
     from normsoftmax import train_embedder
 
     base = tmp_path_factory.mktemp("trained")
@@ -104,7 +104,6 @@ def search_run(tmp_path_factory):
     images to nearly one point and one sign pattern), its 48 images, and their embeddings file:
     ``(run_dir, data_root, embeddings_file)``. For the index, search, service and page tests."""
     from fixtures import tiny_config, write_folder
-
     from normsoftmax import train_embedder
     from normsoftmax.config import EmbedConfig
     from normsoftmax.embedding import embed_files

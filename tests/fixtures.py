@@ -17,7 +17,8 @@ def class_image(class_index: int, image_index: int, size=(48, 40), seed: int = 0
     """A JPEG-friendly picture: a class-specific colour and stripe frequency, plus per-image noise."""
     rng = np.random.default_rng([seed, class_index, image_index])
     width, height = size
-    hue = np.array([(class_index * 67) % 256, (class_index * 151) % 256, (class_index * 29 + 90) % 256], dtype=np.float64)
+    hue = np.array([(class_index * 67) % 256, (class_index * 151) % 256, (class_index * 29 + 90) % 256],
+                   dtype=np.float64)
     x = np.arange(width)[None, :, None]
     stripes = 60 * np.sin(x * (0.2 + 0.15 * (class_index % 5)))
     pixels = hue[None, None, :] + stripes + rng.normal(0, 12, size=(height, width, 3))
@@ -62,7 +63,8 @@ def write_cars196(root: Path, num_classes: int = 8, images_per_class: int = 3) -
         for k in range(images_per_class):
             relative = f"car_ims/{number + 1:06d}.jpg"
             class_image(class_id, k).save(base / relative, quality=90)
-            annotations[0, number] = (np.array([relative]), np.array([[1]], dtype=np.uint8), np.array([[2]], dtype=np.uint8),
+            annotations[0, number] = (np.array([relative]), np.array([[1]], dtype=np.uint8), np.array([[2]],
+                                                                                                      dtype=np.uint8),
                                       np.array([[40]], dtype=np.uint8), np.array([[30]], dtype=np.uint8),
                                       np.array([[class_id]], dtype=np.uint8), np.array([[k % 2]], dtype=np.uint8))
             number += 1
@@ -91,7 +93,8 @@ def write_sop(root: Path, train_classes: int = 6, test_classes: int = 6, images_
     header = "image_id class_id super_class_id path"
     (base / "Ebay_train.txt").write_text("\n".join([header] + rows["train"]) + "\n")
     (base / "Ebay_test.txt").write_text("\n".join([header] + rows["test"]) + "\n")
-    (base / "Ebay_info.txt").write_text("\n".join(["image_id class_id super_class_id path"] + rows["train"] + rows["test"]) + "\n")
+    header = "image_id class_id super_class_id path"
+    (base / "Ebay_info.txt").write_text("\n".join([header] + rows["train"] + rows["test"]) + "\n")
     return base
 
 
@@ -105,10 +108,7 @@ def write_inshop(root: Path, train_items: int = 6, test_items: int = 6, images_p
         for k in range(images_per_item):
             relative = f"img/WOMEN/Dresses/{item_id}/{k + 1:02d}_{k + 1}_front.jpg"
             class_image(item, k).save(base / relative, quality=90)
-            if item <= train_items:
-                status = "train"
-            else:
-                status = "query" if k % 2 == 0 else "gallery"
+            status = "train" if item <= train_items else "query" if k % 2 == 0 else "gallery"
             # The official file pads columns with runs of spaces.
             lines.append(f"{relative:<70} {item_id} {status}")
     (base / "Eval").mkdir(parents=True, exist_ok=True)
@@ -130,7 +130,8 @@ def write_folder(root: Path, num_classes: int = 8, images_per_class: int = 3, sp
     return base
 
 
-WRITERS = {"cub200": write_cub200, "cars196": write_cars196, "sop": write_sop, "inshop": write_inshop, "folder": write_folder}
+WRITERS = {"cub200": write_cub200, "cars196": write_cars196, "sop": write_sop, "inshop": write_inshop,
+           "folder": write_folder}
 
 
 # A few steps of a tiny network: the command-line flags, and the same as a TrainConfig.
@@ -142,7 +143,8 @@ TINY = ["--model_name", "resnet18", "--weights", "none", "--dim", "32", "--batch
 def tiny_config(root, run_dir, **extra):
     from normsoftmax import TrainConfig
 
-    values = dict(dataset="Cub200", dataset_root=str(root), run_dir=str(run_dir) if run_dir else None, model_name="resnet18", weights="none",
+    values = dict(dataset="Cub200", dataset_root=str(root), run_dir=str(run_dir) if run_dir else None,
+                  model_name="resnet18", weights="none",
                   dim=16, batch_size=8, images_per_class=2, class_balancing=True, pretrain_epochs=1, epochs_per_step=1,
                   num_steps=2, test_every_n_epochs=2, resize=36, crop=32, workers=0, progress=False, lr=0.01,
                   amp="none")

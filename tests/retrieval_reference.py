@@ -20,7 +20,7 @@ def _exact_integers(x) -> np.ndarray:
     for i in range(x.shape[0]):
         nonzero = mantissa[i] != 0
         base = int(exponent[i][nonzero].min()) if nonzero.any() else 0
-        out[i] = [int(m) << int(e - base) if m else 0 for m, e in zip(mantissa[i], exponent[i])]
+        out[i] = [int(m) << int(e - base) if m else 0 for m, e in zip(mantissa[i], exponent[i], strict=True)]
     return out
 
 
@@ -54,7 +54,7 @@ def brute_force(xq, yq, xg=None, yg=None, ks=(1, 2, 4, 8), binary=False):
             return int(scores[i, j])
     else:
         score = exact_cosine_order(xq, xg)
-    hits = {k: 0 for k in ks}
+    hits = dict.fromkeys(ks, 0)
     aps, rps = [], []
     for i in range(len(xq)):
         gallery = [j for j in range(len(xg)) if not (loo and j == i)]

@@ -8,7 +8,7 @@ calls exactly these. Names load on first use, so ``import normsoftmax`` stays ch
 
 from importlib import import_module
 
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 _EXPORTS = {
     # reading data
@@ -21,7 +21,7 @@ _EXPORTS = {
     "create_embedder": "model", "register_backbone": "model", "Embedder": "model",
     "NormSoftmaxLoss": "loss",
     # training
-    "train_embedder": "training", "load_embedder": "training", "load_checkpoint": "training",
+    "train_embedder": "training", "load_embedder": "checkpoint", "load_checkpoint": "checkpoint",
     # embeddings and evaluation
     "embed_images": "embedding", "save_embeddings_npz": "embedding", "load_embeddings_npz": "embedding",
     "evaluate_embeddings": "evaluation", "evaluate_checkpoint": "evaluation",

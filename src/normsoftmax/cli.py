@@ -190,7 +190,8 @@ def _export(config: ExportConfig) -> int:
 
 
 # name: (config class, runner, help, description); a dict is a command with sub-commands
-COMMANDS = {
+Command = tuple[type, typing.Callable[[typing.Any], int], str, "str | None"]
+COMMANDS: dict[str, Command | dict[str, Command]] = {
     "train": (TrainConfig, _train, "train an embedder (the reference script's flags)",
               "Train with normalized softmax. Flags given explicitly override --recipe."),
     "evaluate": (EvaluateConfig, _evaluate, "Recall@K, MAP@R, R-precision, NMI from a checkpoint or saved embeddings",
@@ -213,7 +214,8 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="normsoftmax", description="Image embeddings by classification (normalized softmax).")
+    parser = argparse.ArgumentParser(prog="normsoftmax",
+                                     description="Image embeddings by classification (normalized softmax).")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, entry in COMMANDS.items():
         if isinstance(entry, dict):
@@ -235,9 +237,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    entry = COMMANDS.get(args.command)
-    if isinstance(entry, dict):
-        entry = entry.get(getattr(args, "subcommand", None))
+    found = COMMANDS.get(args.command or "")
+    entry = found.get(getattr(args, "subcommand", None) or "") if isinstance(found, dict) else found
     if entry is None:
         parser.print_help()
         return 2

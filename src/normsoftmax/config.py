@@ -14,19 +14,33 @@ import json
 import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any, TypeVar
 
 from .files import atomic_write
+
+T = TypeVar("T")
 
 AMP_CHOICES = ("auto", "none", "bf16", "fp16")
 
 
-def option(default=None, help: str = "", *, choices=None, default_factory=None, **cli) -> dataclasses.Field:
+def option(default: Any = None, help: str = "", *, choices: Any = None, default_factory: Any = None,
+           **cli: Any) -> Any:
     """A config field with its command-line help; ``cli`` holds argparse overrides (``flags``, ``nargs``,
-    ``const``, ``action``, ``type``, ``metavar``, ``positional``) or ``cli=False`` for API-only fields."""
+    ``const``, ``action``, ``type``, ``metavar``, ``positional``) or ``cli=False`` for API-only fields.
+
+    Typed ``Any`` as :func:`dataclasses.field` is: the class attribute holds the field's value type."""
     metadata = {"help": help, "choices": choices, **cli}
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def required(value: T | None, what: str) -> T:
+    """``value``, or a ValueError saying that ``what`` is missing (a field the command line takes positionally,
+    which a config made in Python may leave out)."""
+    if value is None:
+        raise ValueError(f"{what} is required")
+    return value
 
 
 def field_choices(config_field: dataclasses.Field) -> list | None:
@@ -146,7 +160,7 @@ class TrainConfig:
     progress: bool = option(True, "progress bars")
 
     @classmethod
-    def from_recipe(cls, recipe_name: str, **overrides) -> "TrainConfig":
+    def from_recipe(cls, recipe_name: str, **overrides) -> TrainConfig:
         """A benchmark recipe's hyperparameters, with ``overrides`` on top (as ``--recipe`` plus flags)."""
         return build_config(cls, {"recipe": recipe_name, **overrides})
 
@@ -164,10 +178,12 @@ class TrainConfig:
             (self.images_per_class > 0, f"images_per_class must be positive, got {self.images_per_class}"),
             (self.dim > 0, f"dim must be positive, got {self.dim}"),
             (self.lr > 0, f"lr must be positive, got {self.lr}"),
-            (self.epochs_per_step > 0 and self.num_steps >= 0 and self.pretrain_epochs >= 0, "epoch counts must not be negative"),
+            (self.epochs_per_step > 0 and self.num_steps >= 0 and self.pretrain_epochs >= 0,
+             "epoch counts must not be negative"),
             (self.test_every_n_epochs > 0, f"test_every_n_epochs must be positive, got {self.test_every_n_epochs}"),
             (self.crop <= self.resize, f"crop ({self.crop}) must not exceed resize ({self.resize})"),
-            (self.max_steps_per_epoch >= 0, f"max_steps_per_epoch must not be negative, got {self.max_steps_per_epoch}"),
+            (self.max_steps_per_epoch >= 0,
+             f"max_steps_per_epoch must not be negative, got {self.max_steps_per_epoch}"),
             (self.keep_checkpoints >= 0, f"keep_checkpoints must not be negative, got {self.keep_checkpoints}"),
             (self.eval_batch_size >= 0, f"eval_batch_size must not be negative, got {self.eval_batch_size}"),
             (self.workers >= -1, f"workers must be -1 (automatic) or more, got {self.workers}"),
@@ -369,5 +385,6 @@ def write_config(config, path: str | os.PathLike) -> None:
 
 
 __all__ = ["TrainConfig", "EvaluateConfig", "DemoConfig", "PrepareConfig", "EmbedConfig", "IndexBuildConfig",
-           "IndexAddConfig", "SearchConfig", "ServeConfig", "ReportConfig", "ExportConfig", "build_config", "config_from_dict",
+           "IndexAddConfig", "SearchConfig", "ServeConfig", "ReportConfig", "ExportConfig", "build_config",
+           "config_from_dict",
            "write_config", "recipe", "recall_ks", "default_dataset_root", "option", "check_choices", "COMMON_RECIPE"]

@@ -48,7 +48,7 @@ def export_embedder(config: ExportConfig) -> dict:
     Returns ``path``, ``format``, ``exporter``, ``checked_images``, ``check_source``, ``max_abs_diff``,
     ``bytes``, ``seconds`` and the ``metadata`` stored in the file.
     """
-    from .training.checkpoint import find_checkpoint, load_embedder
+    from .checkpoint import find_checkpoint, load_embedder
 
     if config.format not in SUFFIXES:
         raise ValueError(f"format must be one of {', '.join(SUFFIXES)}, got {config.format!r}")
@@ -67,7 +67,7 @@ def export_embedder(config: ExportConfig) -> dict:
 
 def default_out_path(checkpoint: Path, format: str) -> Path:
     """``<run_dir>/embedder.onnx`` or ``.pt``; a checkpoint outside ``checkpoints/`` counts its folder as the run."""
-    from .training.checkpoint import CHECKPOINT_FOLDER
+    from .checkpoint import CHECKPOINT_FOLDER
 
     run_dir = checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINT_FOLDER else checkpoint.parent
     return run_dir / f"embedder{SUFFIXES[format]}"
@@ -93,9 +93,9 @@ def check_out_path(out: Path, format: str, checkpoint: Path | None = None) -> No
 
 def embedder_metadata(model) -> dict[str, str]:
     """What a user of the exported file needs to feed it and trust it; strings, as ONNX metadata requires."""
-    from . import __version__
+    from .checkpoint import model_digest
     from .data.images import IMAGENET_MEAN, IMAGENET_STD
-    from .training.checkpoint import model_digest
+    from .version import __version__
 
     config = model.train_config
     crop = config.crop
@@ -137,16 +137,16 @@ def sample_images(train_config, count: int) -> tuple[torch.Tensor, str]:
 
 def _dataset_images(train_config, count: int) -> tuple[torch.Tensor, str]:
     """The first ``count`` images of the run's evaluation split (test, else query), as the run evaluates them."""
-    from .data.images import ImageDataset, eval_transform
+    from .data.images import ImageDataset, ImageTransformConfig, eval_transform
     from .data.registry import load_dataset
-    from .training.recipe import image_transform
 
     if not train_config.dataset_root:
         raise FileNotFoundError("the run names no dataset root")
     records = load_dataset(train_config.dataset, train_config.dataset_root)
     split_name = "test" if records.test is not None else "query"
     split = records.splits()[split_name]
-    dataset = ImageDataset(split.paths[:count], split.labels[:count], eval_transform(image_transform(train_config)),
+    dataset = ImageDataset(split.paths[:count], split.labels[:count],
+                           eval_transform(ImageTransformConfig.of(train_config)),
                            decode=records.decode)
     images = torch.stack([dataset[index][0] for index in range(len(dataset))])
     return images, f"{len(images)} images of {records.name}'s {split_name} split"
@@ -253,9 +253,12 @@ def _onnx_via_dynamo(model: torch.nn.Module, example: torch.Tensor, path: Path, 
     program = torch.onnx.export(model, (example,), dynamo=True, verbose=False, opset_version=opset,
                                 input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                 dynamic_shapes=({0: batch},))
+    if program is None:  # dynamo=True always returns the program; None is the TorchScript exporter's answer
+        raise ExportError("torch.onnx.export returned no program")
+    shape = program.model.graph.inputs[0].shape
     # torch's exporter quietly pins a dimension when the model's code does (refining the shapes torch.export
     # suggests); a fixed batch is a failed export here, which the TorchScript-based exporter may still manage.
-    batch_size = program.model.graph.inputs[0].shape[0]
+    batch_size = shape[0] if shape is not None else None
     if isinstance(batch_size, int):
         raise ExportError(f"torch.export fixed the batch dimension at {batch_size}: the model's code depends on it")
     # One self-contained file (ONNX's protobuf limit: 2 GiB, far above the backbones here).

@@ -13,8 +13,8 @@ import errno
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 
 class NotEnoughSpaceError(OSError):
@@ -112,4 +112,5 @@ def _size(count: int | float | None) -> str:
     return f"{int(count)} bytes"
 
 
-__all__ = ["atomic_output", "atomic_write", "ensure_free_space", "file_sha256", "fsync_directory", "NotEnoughSpaceError"]
+__all__ = ["atomic_output", "atomic_write", "ensure_free_space", "file_sha256", "fsync_directory",
+           "NotEnoughSpaceError"]

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 
 class NormSoftmaxLoss(nn.Module):
-    def __init__(self, num_classes: int, dim: int, temperature: float = 0.05, class_sample_fraction: float | None = None):
+    def __init__(self, num_classes: int, dim: int, temperature: float = 0.05,
+                 class_sample_fraction: float | None = None):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes}")
@@ -48,7 +49,8 @@ class NormSoftmaxLoss(nn.Module):
     def sample_classes(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The scored classes (the batch's own first, then a random fraction of the rest) and remapped targets."""
         present = torch.unique(labels)
-        num_extra = int(round(self.class_sample_fraction * (self.num_classes - len(present))))
+        fraction = self.class_sample_fraction or 0.0
+        num_extra = int(round(fraction * (self.num_classes - len(present))))
         others = torch.ones(self.num_classes, dtype=torch.bool, device=labels.device)
         others[present] = False
         candidates = others.nonzero().squeeze(1)

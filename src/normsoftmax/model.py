@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +49,16 @@ class ResNetTrunk(nn.Module):
     (their ``fc.*`` keys are reported as unexpected and ignored).
     """
 
-    def __init__(self, resnet: nn.Module):
+    def __init__(self, resnet: Any):
         super().__init__()
-        for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
-            setattr(self, name, getattr(resnet, name))
+        self.conv1: nn.Module = resnet.conv1
+        self.bn1: nn.Module = resnet.bn1
+        self.relu: nn.Module = resnet.relu
+        self.maxpool: nn.Module = resnet.maxpool
+        self.layer1: nn.Module = resnet.layer1
+        self.layer2: nn.Module = resnet.layer2
+        self.layer3: nn.Module = resnet.layer3
+        self.layer4: nn.Module = resnet.layer4
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
@@ -73,7 +83,7 @@ for _name, _enum in [("resnet18", "ResNet18_Weights"), ("resnet34", "ResNet34_We
 
 
 class TimmTrunk(nn.Module):
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: Any):
         super().__init__()
         self.model = model
 
@@ -93,9 +103,10 @@ def create_backbone(name: str, pretrained: bool) -> tuple[nn.Module, int]:
         raise ValueError(f"unknown backbone {name!r}; registered: {', '.join(available_backbones())} "
                          f"(install the 'timm' extra for timm model names)") from None
     if not timm.is_model(name):
-        raise ValueError(f"unknown backbone {name!r}: neither registered ({', '.join(available_backbones())}) nor a timm model")
-    model = timm.create_model(name, pretrained=pretrained, num_classes=0, global_pool="")
-    return TimmTrunk(model), model.num_features
+        raise ValueError(f"unknown backbone {name!r}: neither registered ({', '.join(available_backbones())}) nor a "
+                         "timm model")
+    model: Any = timm.create_model(name, pretrained=pretrained, num_classes=0, global_pool="")
+    return TimmTrunk(model), int(model.num_features)
 
 
 class EmbeddingHead(nn.Module):
@@ -122,7 +133,10 @@ class Embedder(nn.Module):
         self.width = width
         self.dim = dim
         self.backbone_name = backbone_name
-        self.train_config = None  # the TrainConfig of the run it came from (load_embedder sets it)
+        # Set by normsoftmax.checkpoint.load_embedder: the run it came from, its file, its weights' digest.
+        self.train_config: TrainConfig | None = None
+        self.checkpoint: str | None = None
+        self.digest: str | None = None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images))
@@ -165,7 +179,8 @@ def load_weights(model: Embedder, path: str) -> tuple[list[str], list[str]]:
         raise ValueError(f"{path}: does not fit {model.backbone_name or 'this model'}: {error}") from None
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if missing:
-        logger.warning("%s: %d missing keys (left at their initial values): %s", path, len(missing), ", ".join(missing[:10]))
+        logger.warning("%s: %d missing keys (left at their initial values): %s", path, len(missing),
+                       ", ".join(missing[:10]))
     if unexpected:
         logger.warning("%s: %d unexpected keys (ignored): %s", path, len(unexpected), ", ".join(unexpected[:10]))
     if not missing and not unexpected:

@@ -165,9 +165,10 @@ def seed_everything(seed: int, epoch: int = 0, rank: int = 0) -> None:
 
 def rng_state() -> dict:
     """Every generator's state, in types that load with ``torch.load(weights_only=True)``."""
-    kind, keys, position, has_gauss, cached = np.random.get_state()
+    kind, keys, position, has_gauss, cached = np.random.get_state(legacy=True)
+    keys = np.asarray(keys, dtype=np.int64)
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)],
+            "numpy": [kind, torch.from_numpy(keys), int(position), int(has_gauss), float(cached)],
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
@@ -194,7 +195,7 @@ class Distributed:
         return self.rank == 0
 
     @classmethod
-    def from_environment(cls, device_name: str = "auto") -> "Distributed":
+    def from_environment(cls, device_name: str = "auto") -> Distributed:
         """Join the process group torchrun describes in the environment (``WORLD_SIZE``, ``RANK``, ...)."""
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size <= 1:
@@ -259,11 +260,11 @@ def setup_logging(log_file: Path | None = None, level: int = logging.INFO) -> No
         if getattr(handler, "_normsoftmax", False):
             logger.removeHandler(handler)
             handler.close()
-    handlers = [logging.StreamHandler(sys.stderr)]
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file is not None:
         handlers.append(logging.FileHandler(log_file))
     for handler in handlers:
-        handler._normsoftmax = True
+        handler._normsoftmax = True  # type: ignore[attr-defined]  # marks the handlers this function owns
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         logger.addHandler(handler)
     logger.propagate = False

@@ -11,8 +11,8 @@ import torch
 
 from fixtures import tiny_config, write_cub200
 from normsoftmax import evaluate_embeddings, train_embedder
+from normsoftmax.checkpoint import load_embedder
 from normsoftmax.embedding import embed_images
-from normsoftmax.training.checkpoint import load_embedder
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -41,8 +41,9 @@ def tiny(pretrained):
 
 from normsoftmax import TrainConfig, train_embedder
 
-train_embedder(TrainConfig(dataset="Cub200", dataset_root=sys.argv[1], run_dir=sys.argv[2], model_name="tiny_without_batchnorm",
-                           weights="none", dim=8, batch_size=8, images_per_class=2, class_balancing=True, lr=0.05,
+train_embedder(TrainConfig(dataset="Cub200", dataset_root=sys.argv[1], run_dir=sys.argv[2],
+                           model_name="tiny_without_batchnorm", weights="none", dim=8, batch_size=8,
+                           images_per_class=2, class_balancing=True, lr=0.05,
                            pretrain_epochs=1, epochs_per_step=2, num_steps=1, test_every_n_epochs=2, resize=36, crop=32,
                            workers=0, progress=False, amp="none", channels_last=False, checkpoint_every_minutes=0))
 """

@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
+from normsoftmax.checkpoint import load_embedder
 from normsoftmax.config import EmbedConfig
 from normsoftmax.embedding import embed_files, embed_images, read_embeddings
-from normsoftmax.training.checkpoint import load_embedder
 
 
 def config(run_dir, out, **extra):

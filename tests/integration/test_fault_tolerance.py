@@ -1,6 +1,6 @@
 """Never losing a run: crashes at three points, pre-emption, corrupt checkpoints, NaN, bad images, a full disk.
 
-Crashes are real: a training subprocess SIGKILLs itself at a named point (normsoftmax.training.faults), then
+Crashes are real: a training subprocess SIGKILLs itself at a named point (normsoftmax.faults), then
 the same command continues the run; the final weights and metrics must equal an uninterrupted run's.
 """
 
@@ -30,7 +30,8 @@ FLAGS = ["--dataset", "Cub200", "--model_name", "resnet18", "--weights", "none",
 
 
 def train_command(root, run_dir, *extra):
-    return [sys.executable, "-m", "normsoftmax", "train", *FLAGS, "--dataset_root", str(root), "--run_dir", str(run_dir),
+    return [sys.executable, "-m", "normsoftmax", "train", *FLAGS, "--dataset_root", str(root), "--run_dir",
+            str(run_dir),
             *extra]
 
 
@@ -166,7 +167,7 @@ def test_an_image_that_breaks_after_verification(tmp_path, data, monkeypatch, po
 
 
 def test_a_full_disk_leaves_the_previous_checkpoint_loadable(tmp_path, data, monkeypatch):
-    import normsoftmax.training.checkpoint as checkpoint
+    import normsoftmax.checkpoint as checkpoint
 
     real, calls = torch.save, []
 

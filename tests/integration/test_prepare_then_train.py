@@ -3,11 +3,13 @@
 import json
 
 import pytest
+
 from archive_server import ArchiveServer
 from fixtures import TINY
 
 
-@pytest.mark.parametrize("dataset, how", [("cub200", "url"), ("cars196", "archive"), ("sop", "url"), ("inshop", "archive")])
+@pytest.mark.parametrize("dataset, how", [("cub200", "url"), ("cars196", "archive"), ("sop", "url"), ("inshop",
+                                                                                                      "archive")])
 def test_prepare_from_a_server_or_archives_then_train(tmp_path, cli, archives, dataset, how):  # noqa: F811
     server = ArchiveServer()
     try:
@@ -31,7 +33,8 @@ def test_prepare_from_a_server_or_archives_then_train(tmp_path, cli, archives, d
 
         name = {"cub200": "Cub200", "cars196": "Cars196", "sop": "StanfordOnlineProducts", "inshop": "InShop"}[dataset]
         run_dir = tmp_path / "run"
-        code, out, err = cli("train", "--dataset", name, "--dataset_root", manifest["dataset_root"], "--run_dir", run_dir,
+        code, out, err = cli("train", "--dataset", name, "--dataset_root", manifest["dataset_root"], "--run_dir",
+                             run_dir,
                              "--class_balancing", *TINY, "--resize", "256", "--crop", "224")
         assert code == 0, err
         log = (run_dir / "train.log").read_text()

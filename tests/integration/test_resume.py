@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 import torch
-from fixtures import tiny_config, write_cub200
 
+from fixtures import tiny_config, write_cub200
 from normsoftmax import TrainConfig, train_embedder
 
 
@@ -26,7 +26,8 @@ def test_resume_continues_exactly(tmp_path, finished_run, resume_after):
     shutil.copytree(finished_run, copy_dir)
     for later in range(resume_after + 1, 5):
         (copy_dir / "checkpoints" / f"epoch_{later:03d}.pt").unlink()
-    train_embedder(TrainConfig(resume=str(copy_dir / "checkpoints" / f"epoch_{resume_after:03d}.pt"), workers=0, progress=False))
+    train_embedder(TrainConfig(resume=str(copy_dir / "checkpoints" / f"epoch_{resume_after:03d}.pt"), workers=0,
+                               progress=False))
     expected = torch.load(finished_run / "checkpoints" / "epoch_004.pt", weights_only=True)
     resumed = torch.load(copy_dir / "checkpoints" / "epoch_004.pt", weights_only=True)
     for key, value in expected["model"].items():
@@ -44,7 +45,8 @@ def test_resume_evaluates_an_epoch_whose_evaluation_was_lost(tmp_path, finished_
     train_embedder(TrainConfig(resume=str(copy_dir), workers=0, progress=False))
     recovered = json.loads((copy_dir / "eval" / "epoch_003.json").read_text())
     assert recovered == json.loads((finished_run / "eval" / "epoch_003.json").read_text())
-    assert json.loads((copy_dir / "final_metrics.json").read_text()) == json.loads((finished_run / "final_metrics.json").read_text())
+    final_metrics = json.loads((finished_run / "final_metrics.json").read_text())
+    assert json.loads((copy_dir / "final_metrics.json").read_text()) == final_metrics
 
 
 def test_resume_refuses_a_checkpoint_outside_its_run(tmp_path, finished_run, cli):

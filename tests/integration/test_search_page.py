@@ -7,9 +7,9 @@ import shutil
 import numpy as np
 import pytest
 
+from normsoftmax.checkpoint import load_embedder
 from normsoftmax.config import ServeConfig
 from normsoftmax.search import BackgroundServer, SearchIndex, create_app
-from normsoftmax.training.checkpoint import load_embedder
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 

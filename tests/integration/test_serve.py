@@ -19,9 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
+from normsoftmax.checkpoint import load_checkpoint, load_embedder
 from normsoftmax.config import ServeConfig
 from normsoftmax.search import BackgroundServer, SearchIndex, create_app
-from normsoftmax.training.checkpoint import load_checkpoint, load_embedder
 
 MAX_UPLOAD_MB = 0.25
 MAX_PIXELS = 1_000_000
@@ -39,7 +39,8 @@ def png_declaring(width: int, height: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def indexed(search_index):
-    """The shared tiny run (dim 64), its 48 images embedded and in a flat index: ``(run_dir, index_dir, embeddings)``."""
+    """The shared tiny run (dim 64), its 48 images embedded and in a flat index: ``(run_dir, index_dir, "
+      "embeddings)``."""
     return search_index
 
 
@@ -209,7 +210,7 @@ def test_normsoftmax_serve_listens_on_127_0_0_1(indexed, tmp_path):
         assert health.json()["items"] == 48
         with socket.socket() as listener_check:  # bound to 127.0.0.1 only: the same port is free elsewhere
             listener_check.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            addresses = [a for a in _non_loopback_addresses()]
+            addresses = list(_non_loopback_addresses())
             if addresses:
                 listener_check.bind((addresses[0], port))
     finally:

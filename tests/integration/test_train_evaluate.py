@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures import TINY, WRITERS, tiny_config, write_cub200
 
+from fixtures import TINY, WRITERS, tiny_config, write_cub200
 from normsoftmax import train_embedder
 
 RECIPES = {"cub200": "cub200", "cars196": "cars196", "sop": "sop", "inshop": "inshop"}
@@ -25,7 +25,8 @@ def test_train_then_evaluate_on_each_format(tmp_path, cli, dataset):
     if dataset == "cub200":
         assert config["lr"] == 0.001 and config["class_balancing"] is True  # from the recipe
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("epoch_*.pt")) == ["epoch_001.pt", "epoch_002.pt"]
-    assert {p.name for p in (run_dir / "checkpoints").glob("*.sha256")} == {"epoch_001.pt.sha256", "epoch_002.pt.sha256"}
+    assert {p.name for p in (run_dir / "checkpoints").glob("*.sha256")} == {"epoch_001.pt.sha256",
+                                                                            "epoch_002.pt.sha256"}
     assert "epoch 2/2 (main)" in (run_dir / "train.log").read_text()
     evaluation = json.loads((run_dir / "eval" / "epoch_002.json").read_text())
     ks = {"sop": [1, 10, 100, 1000], "inshop": [1, 10, 20, 30, 40, 50]}.get(dataset, [1, 2, 4, 8])

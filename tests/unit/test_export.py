@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from normsoftmax.checkpoint import find_checkpoint, load_embedder
 from normsoftmax.cli import main
 from normsoftmax.config import TrainConfig
 from normsoftmax.export import (
@@ -24,7 +25,6 @@ from normsoftmax.export import (
     export_module,
     sample_images,
 )
-from normsoftmax.training.checkpoint import find_checkpoint, load_embedder
 
 TOLERANCE = 1e-4
 pytestmark = pytest.mark.filterwarnings(r"ignore:`torch\.jit\.\w+` is deprecated:FutureWarning")

@@ -48,7 +48,8 @@ def test_temperature_scales_logits():
     torch.manual_seed(1)
     criterion = NormSoftmaxLoss(5, 8, temperature=0.1)
     embeddings = torch.randn(3, 8)
-    cosines = torch.nn.functional.normalize(embeddings, dim=1) @ torch.nn.functional.normalize(criterion.proxies, dim=1).T
+    cosines = torch.nn.functional.normalize(embeddings, dim=1) @ torch.nn.functional.normalize(criterion.proxies,
+                                                                                               dim=1).T
     torch.testing.assert_close(criterion.logits(embeddings), cosines / 0.1)
 
 

@@ -20,7 +20,8 @@ def test_head_is_pool_layernorm_without_affine_projection_and_l2():
     assert head.projection.bias is None
     features = torch.randn(4, 16, 3, 3)
     pooled = features.mean(dim=(2, 3))
-    standardized = (pooled - pooled.mean(1, keepdim=True)) / torch.sqrt(pooled.var(1, unbiased=False, keepdim=True) + 1e-5)
+    standardized = (pooled - pooled.mean(1, keepdim=True)) / torch.sqrt(pooled.var(1, unbiased=False,
+                                                                                   keepdim=True) + 1e-5)
     expected = torch.nn.functional.normalize(standardized @ head.projection.weight.T, dim=1)
     torch.testing.assert_close(head(features), expected, rtol=1e-4, atol=1e-5)
 

@@ -164,9 +164,9 @@ def test_recall_at_k_table_has_the_last_evaluations_numbers(report):
 def reference(report):
     """The ranking computed here: the test split, its files relative to the data root, and every query's gallery
     order (float64 cosine of the checkpoint's embeddings, the query left out, ties by index)."""
+    from normsoftmax.checkpoint import load_embedder
     from normsoftmax.data.registry import load_dataset
     from normsoftmax.embedding.embed import embed_images
-    from normsoftmax.training.checkpoint import load_embedder
 
     _, run_dir, data_root = report
     test = load_dataset("folder", data_root).test

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .records import DatasetError, DatasetRecords, ImageSet, remap_shared
-from .registry import DatasetSpec, SourceFile, register_dataset
+from .registry import DatasetSpec, SourceFile
 
 
 def _find_root(root: str | os.PathLike, marker: str, subfolder: str) -> Path:
@@ -55,7 +55,8 @@ def _read_table(path: Path, num_fields: int, skip: int = 0) -> list[tuple[int, l
             continue
         fields = line.split()
         if len(fields) != num_fields:
-            raise DatasetError(f"{path}, line {number}: expected {num_fields} fields, found {len(fields)}: {line.rstrip()!r}")
+            raise DatasetError(f"{path}, line {number}: expected {num_fields} fields, found {len(fields)}: "
+                               f"{line.rstrip()!r}")
         rows.append((number, fields))
     if not rows:
         raise DatasetError(f"{path}: no entries")
@@ -69,13 +70,14 @@ def _as_int(path: Path, number: int, text: str) -> int:
         raise DatasetError(f"{path}, line {number}: {text!r} is not an integer") from None
 
 
-def _split_by_class_half(paths: list[str], class_ids: list[int], names: dict, source: Path) -> tuple[ImageSet, ImageSet]:
+def _split_by_class_half(paths: list[str], class_ids: list[int], names: dict,
+                         source: Path) -> tuple[ImageSet, ImageSet]:
     ordered = sorted(set(class_ids))
     if len(ordered) < 4:
         raise DatasetError(f"{source}: only {len(ordered)} classes found; the class-half split needs at least 4")
     train_classes = set(ordered[: len(ordered) // 2])
-    train = [(p, c) for p, c in zip(paths, class_ids) if c in train_classes]
-    test = [(p, c) for p, c in zip(paths, class_ids) if c not in train_classes]
+    train = [(p, c) for p, c in zip(paths, class_ids, strict=True) if c in train_classes]
+    test = [(p, c) for p, c in zip(paths, class_ids, strict=True) if c not in train_classes]
     return (ImageSet.from_raw([p for p, _ in train], [c for _, c in train], names),
             ImageSet.from_raw([p for p, _ in test], [c for _, c in test], names))
 
@@ -87,7 +89,8 @@ def load_cub200(root: str | os.PathLike) -> DatasetRecords:
         images[_as_int(base / "images.txt", number, image_id)] = relative
     labels = {}
     for number, (image_id, class_id) in _read_table(base / "image_class_labels.txt", 2):
-        labels[_as_int(base / "image_class_labels.txt", number, image_id)] = _as_int(base / "image_class_labels.txt", number, class_id)
+        table = base / "image_class_labels.txt"
+        labels[_as_int(table, number, image_id)] = _as_int(table, number, class_id)
     names = {}
     for number, (class_id, name) in _read_table(base / "classes.txt", 2):
         names[_as_int(base / "classes.txt", number, class_id)] = name
@@ -97,14 +100,15 @@ def load_cub200(root: str | os.PathLike) -> DatasetRecords:
                            f"({images[missing[0]]}) listed in images.txt ({len(missing)} missing)")
     unknown = sorted(set(labels.values()) - set(names))
     if unknown:
-        raise DatasetError(f"{base / 'classes.txt'}: class id {unknown[0]} used in image_class_labels.txt is not listed")
+        raise DatasetError(f"{base / 'classes.txt'}: class id {unknown[0]} used in image_class_labels.txt "
+                           "is not listed")
     ids = sorted(images)
     paths = [str(base / "images" / images[i]) for i in ids]
     train, test = _split_by_class_half(paths, [labels[i] for i in ids], names, base / "image_class_labels.txt")
     return DatasetRecords("cub200", str(base), train, test=test)
 
 
-register_dataset(DatasetSpec(
+CUB200 = DatasetSpec(
     name="cub200", title="CUB-200-2011", read=load_cub200, aliases=("Cub200", "cub", "cub_200_2011"),
     recall_ks=(1, 2, 4, 8), decode="reference",
     reference_counts={"train": {"images": 5864, "classes": 100}, "test": {"images": 5924, "classes": 100}},
@@ -118,11 +122,12 @@ register_dataset(DatasetSpec(
         size=1150585339,
         checksum_source=("MD5: the checksum distributed with CUB_200_2011.tgz since the original Caltech release "
                          "and listed by CaltechDATA for record 65de6-vp158; SHA-256 and size: as recorded for the "
-                         "same 1,150,585,339-byte archive by TensorFlow Datasets (url_checksums/caltech_birds2011.txt)"),
+                         "same 1,150,585,339-byte archive by TensorFlow Datasets "
+                         "(url_checksums/caltech_birds2011.txt)"),
     ),),
     dataset_root="CUB_200_2011",
     layout_markers=("images.txt", "CUB_200_2011/images.txt"),
-))
+)
 
 
 def load_cars196(root: str | os.PathLike) -> DatasetRecords:
@@ -148,7 +153,8 @@ def load_cars196(root: str | os.PathLike) -> DatasetRecords:
             relative = str(np.ravel(entry["relative_im_path"])[0])
             class_id = int(np.ravel(entry["class"])[0])
         except (IndexError, TypeError, ValueError):
-            raise DatasetError(f"{mat_path}: annotation {number} has an empty or malformed relative_im_path or class") from None
+            raise DatasetError(f"{mat_path}: annotation {number} has an empty or malformed relative_im_path "
+                               "or class") from None
         if class_id not in class_names:
             raise DatasetError(f"{mat_path}: annotation {number} ({relative}) has class {class_id}, "
                                f"outside the {len(class_names)} class_names")
@@ -158,7 +164,7 @@ def load_cars196(root: str | os.PathLike) -> DatasetRecords:
     return DatasetRecords("cars196", str(base), train, test=test)
 
 
-register_dataset(DatasetSpec(
+CARS196 = DatasetSpec(
     name="cars196", title="Cars196 (Stanford Cars)", read=load_cars196, aliases=("Cars196", "cars"),
     recall_ks=(1, 2, 4, 8), decode="reference",
     reference_counts={"train": {"images": 8054, "classes": 98}, "test": {"images": 8131, "classes": 98}},
@@ -181,14 +187,15 @@ register_dataset(DatasetSpec(
         "are recognised by their MD5 and treated as official."
     ),
     layout_markers=("cars_annos.mat",),
-))
+)
 
 
 def _read_ebay(path: Path, base: Path) -> tuple[list[str], list[int]]:
     rows = _read_table(path, 4, skip=1)
     header = path.read_text(encoding="utf-8").split("\n", 1)[0].split()
     if header != ["image_id", "class_id", "super_class_id", "path"]:
-        raise DatasetError(f"{path}, line 1: expected the header 'image_id class_id super_class_id path', found {' '.join(header)!r}")
+        raise DatasetError(f"{path}, line 1: expected the header 'image_id class_id super_class_id path', found "
+                           f"{' '.join(header)!r}")
     paths = [str(base / fields[3]) for _, fields in rows]
     class_ids = [_as_int(path, number, fields[1]) for number, fields in rows]
     return paths, class_ids
@@ -201,7 +208,7 @@ def load_sop(root: str | os.PathLike) -> DatasetRecords:
     return DatasetRecords("sop", str(base), train, test=test)
 
 
-register_dataset(DatasetSpec(
+SOP = DatasetSpec(
     name="sop", title="Stanford Online Products", read=load_sop,
     aliases=("StanfordOnlineProducts", "stanford_online_products"),
     recall_ks=(1, 10, 100, 1000), decode="reference",
@@ -222,7 +229,7 @@ register_dataset(DatasetSpec(
     ),),
     dataset_root="Stanford_Online_Products",
     layout_markers=("Ebay_train.txt", "Stanford_Online_Products/Ebay_train.txt"),
-))
+)
 
 
 def load_inshop(root: str | os.PathLike) -> DatasetRecords:
@@ -230,11 +237,12 @@ def load_inshop(root: str | os.PathLike) -> DatasetRecords:
     candidates = [root / "Eval" / "list_eval_partition.txt", root / "list_eval_partition.txt"]
     partition = next((c for c in candidates if c.is_file()), None)
     if partition is None:
-        raise DatasetError(f"{root}: list_eval_partition.txt not found (looked for {candidates[0]} and {candidates[1]})")
+        raise DatasetError(f"{root}: list_eval_partition.txt not found (looked for {candidates[0]} and "
+                           f"{candidates[1]})")
     base = root.resolve()
     rows = _read_table(partition, 3, skip=2)  # reads (and checks the encoding of) the whole file first
-    first, header = (partition.read_text(encoding="utf-8").split("\n") + ["", ""])[:2]
-    first, header = first.strip(), header.split()
+    first_line, header_line = (partition.read_text(encoding="utf-8").split("\n") + ["", ""])[:2]
+    first, header = first_line.strip(), header_line.split()
     if not first.isdigit():
         raise DatasetError(f"{partition}, line 1: expected the number of images, found {first!r}")
     if header != ["image_name", "item_id", "evaluation_status"]:
@@ -244,7 +252,8 @@ def load_inshop(root: str | os.PathLike) -> DatasetRecords:
     grouped: dict[str, tuple[list[str], list[str]]] = {"train": ([], []), "query": ([], []), "gallery": ([], [])}
     for number, (image_name, item_id, status) in rows:
         if status not in grouped:
-            raise DatasetError(f"{partition}, line {number}: evaluation_status {status!r} is not train, query or gallery")
+            raise DatasetError(f"{partition}, line {number}: evaluation_status {status!r} is not train, query or "
+                               "gallery")
         grouped[status][0].append(str(base / image_name))
         grouped[status][1].append(item_id)
     train = ImageSet.from_raw(*grouped["train"])
@@ -252,7 +261,7 @@ def load_inshop(root: str | os.PathLike) -> DatasetRecords:
     return DatasetRecords("inshop", str(base), train, query=query, gallery=gallery)
 
 
-register_dataset(DatasetSpec(
+INSHOP = DatasetSpec(
     name="inshop", title="In-Shop Clothes Retrieval (DeepFashion)", read=load_inshop,
     aliases=("InShop", "in-shop", "in_shop"),
     recall_ks=(1, 10, 20, 30, 40, 50), decode="reference",
@@ -278,4 +287,7 @@ register_dataset(DatasetSpec(
         "img.zip is extracted to {root}/img/ and the list copied to {root}/Eval/list_eval_partition.txt."
     ),
     layout_markers=("Eval/list_eval_partition.txt", "list_eval_partition.txt"),
-))
+)
+
+# The benchmarks, in the paper's order; the package registers them (normsoftmax/data/__init__.py).
+SPECS = (CUB200, CARS196, SOP, INSHOP)

@@ -26,8 +26,8 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -100,6 +100,7 @@ class ImageCache:
         """The whole cache as one flat uint8 memory map (opened on first use, in each process)."""
         if self._pixels is None:
             self._open()
+        assert self._pixels is not None
         return self._pixels
 
     def _open(self) -> np.ndarray:
@@ -153,7 +154,7 @@ class ImageCache:
 
         problems = []
         with ThreadPoolExecutor(max_workers=worker_count()) as pool:
-            for path, reason in zip(paths, pool.map(problem, paths, chunksize=64)):
+            for path, reason in zip(paths, pool.map(problem, paths, chunksize=64), strict=True):
                 if reason is not None:
                     problems.append((str(path), reason))
                     if limit is not None and len(problems) >= limit:
@@ -192,7 +193,8 @@ def open_if_valid(directory: Path, paths: Sequence[str], config: ImageTransformC
         log.warning("ignoring the unreadable image cache %s (%s)", directory, error)
         return None
     if not cache.matches(config, decode):
-        log.info("ignoring the image cache %s: built for %s, needed %s", directory, cache.spec, cache_spec(config, decode))
+        log.info("ignoring the image cache %s: built for %s, needed %s", directory, cache.spec,
+                 cache_spec(config, decode))
         return None
     if not (directory / PIXELS_NAME).is_file() or (directory / PIXELS_NAME).stat().st_size != cache.nbytes:
         log.warning("ignoring the image cache %s: its pixel file is missing or truncated", directory)
@@ -245,7 +247,8 @@ class ArrayTrainTransform(_ArrayTransform):
     def __call__(self, pixels: np.ndarray) -> torch.Tensor:
         height, width = pixels.shape[:2]
         if height < self.crop or width < self.crop:
-            raise ValueError(f"Required crop size {(self.crop, self.crop)} is larger than input image size {(height, width)}")
+            raise ValueError(f"Required crop size {(self.crop, self.crop)} is larger than input image size "
+                             f"{(height, width)}")
         # The same torch draws, in the same order, as RandomCrop.get_params and RandomHorizontalFlip.
         if height == self.crop and width == self.crop:
             top = left = 0

@@ -21,8 +21,10 @@ import csv
 import os
 from pathlib import Path
 
+import numpy as np
+
 from .records import DatasetError, DatasetRecords, ImageSet, remap_shared
-from .registry import DatasetSpec, register_dataset
+from .registry import DatasetSpec
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -47,7 +49,7 @@ def _image_set(folders: list[Path]) -> ImageSet:
         images = _images_of(folder)
         paths.extend(images)
         labels.extend([label] * len(images))
-    return ImageSet(paths, labels, [folder.name for folder in folders])
+    return ImageSet(paths, np.asarray(labels, dtype=np.int64), [folder.name for folder in folders])
 
 
 def load_folder(root: str | os.PathLike) -> DatasetRecords:
@@ -67,7 +69,7 @@ def load_folder(root: str | os.PathLike) -> DatasetRecords:
     return DatasetRecords("folder", str(root), train, test=test)
 
 
-register_dataset(DatasetSpec(name="folder", title="a folder per class", read=load_folder))
+FOLDER = DatasetSpec(name="folder", title="a folder per class", read=load_folder)
 
 
 def load_csv(path: str | os.PathLike) -> DatasetRecords:
@@ -86,7 +88,8 @@ def _read_csv(path: Path) -> DatasetRecords:
         reader = csv.reader(handle)
         header = [name.strip().lower() for name in next(reader, [])]
         if "path" not in header or "label" not in header:
-            raise DatasetError(f"{path}, line 1: the header must name the columns path and label (and optionally split), found {header}")
+            raise DatasetError(f"{path}, line 1: the header must name the columns path and label (and optionally "
+                               f"split), found {header}")
         column = {name: header.index(name) for name in ("path", "label", "split") if name in header}
         rows = []
         for fields in reader:
@@ -106,14 +109,18 @@ def _read_csv(path: Path) -> DatasetRecords:
     if not rows:
         raise DatasetError(f"{path}: no rows")
     splits = {split for _, _, split in rows}
-    by_split = {name: ([p for p, _, s in rows if s == name], [lab for _, lab, s in rows if s == name]) for name in splits}
+    by_split = {name: ([p for p, _, s in rows if s == name], [lab for _, lab, s in rows if s == name])
+                for name in splits}
     if splits == {""}:
         classes = sorted({label for _, label, _ in rows})
         if len(classes) < 4:
-            raise DatasetError(f"{path}: {len(classes)} classes; splitting classes in half needs at least 4 (or add a split column)")
+            raise DatasetError(f"{path}: {len(classes)} classes; splitting classes in half needs at least 4 (or add a "
+                               "split column)")
         train_classes = set(classes[: len(classes) // 2])
-        train = ImageSet.from_raw([p for p, lab, _ in rows if lab in train_classes], [lab for _, lab, _ in rows if lab in train_classes])
-        test = ImageSet.from_raw([p for p, lab, _ in rows if lab not in train_classes], [lab for _, lab, _ in rows if lab not in train_classes])
+        train = ImageSet.from_raw([p for p, lab, _ in rows if lab in train_classes],
+                                  [lab for _, lab, _ in rows if lab in train_classes])
+        test = ImageSet.from_raw([p for p, lab, _ in rows if lab not in train_classes],
+                                 [lab for _, lab, _ in rows if lab not in train_classes])
         return DatasetRecords("csv", str(path), train, test=test)
     if "" in splits:
         raise DatasetError(f"{path}: some rows have an empty split; give every row a split or none")
@@ -128,4 +135,7 @@ def _read_csv(path: Path) -> DatasetRecords:
     raise DatasetError(f"{path}: splits {sorted(splits)} — use train+test (leave-one-out) or train+query+gallery")
 
 
-register_dataset(DatasetSpec(name="csv", title="a CSV of path,label[,split]", read=load_csv))
+CSV = DatasetSpec(name="csv", title="a CSV of path,label[,split]", read=load_csv)
+
+# Users' own data; the package registers these (normsoftmax/data/__init__.py).
+SPECS = (FOLDER, CSV)

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import IO, Protocol
 
 import numpy as np
 import torch
@@ -35,8 +36,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # A truncated JPEG must fail loudly, never decode as a grey tail.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
+# A file name, or an open binary file (an upload, bytes read once for both decoding and hashing).
+ImageSource = str | os.PathLike | IO[bytes]
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
+
+def load_rgb(path: ImageSource) -> Image.Image:
     """Open any image file as 8-bit RGB with EXIF orientation applied."""
     with Image.open(path) as opened:
         opened.load()
@@ -44,16 +48,17 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     return to_rgb(image)
 
 
-def load_rgb_as_reference(path: str | os.PathLike) -> Image.Image:
+def load_rgb_as_reference(path: ImageSource) -> Image.Image:
     """The reference code's decoding: ``Image.open(path).convert("RGB")``, nothing else."""
     with Image.open(path) as opened:
         return opened.convert("RGB")
 
 
-DECODERS: dict[str, Callable[[str | os.PathLike], Image.Image]] = {"robust": load_rgb, "reference": load_rgb_as_reference}
+DECODERS: dict[str, Callable[[ImageSource], Image.Image]] = {"robust": load_rgb,
+                                                                   "reference": load_rgb_as_reference}
 
 
-def decoder(name: str) -> Callable[[str | os.PathLike], Image.Image]:
+def decoder(name: str) -> Callable[[ImageSource], Image.Image]:
     try:
         return DECODERS[name]
     except KeyError:
@@ -79,10 +84,19 @@ def to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
-    if mode.startswith("RGB") or mode.startswith("BGR"):
+    if mode.startswith(("RGB", "BGR")):
         # e.g. 16-bit-per-channel RGB opened as "RGB;16": PIL's convert keeps the high byte.
         return image.convert("RGB")
     return image.convert("RGB")
+
+
+class TransformSettings(Protocol):
+    """What a run's config says about its images (a ``TrainConfig`` has these fields)."""
+
+    resize: int
+    crop: int
+    keep_aspect: bool
+    hflip: bool
 
 
 @dataclass(frozen=True)
@@ -93,6 +107,11 @@ class ImageTransformConfig:
     crop: int = 224
     keep_aspect: bool = False  # Resize(resize) on the shorter side instead of a square resize
     hflip: bool = True  # off for data whose identity is not mirror-symmetric (glyphs)
+
+    @classmethod
+    def of(cls, settings: TransformSettings) -> ImageTransformConfig:
+        """The geometry a run trains and evaluates with, from its config."""
+        return cls(resize=settings.resize, crop=settings.crop, keep_aspect=settings.keep_aspect, hflip=settings.hflip)
 
     def resize_size(self):
         return self.resize if self.keep_aspect else (self.resize, self.resize)
@@ -112,7 +131,8 @@ def train_transform(config: ImageTransformConfig = ImageTransformConfig(), resiz
 def eval_transform(config: ImageTransformConfig = ImageTransformConfig(), resized: bool = False) -> Callable:
     """Resize -> CenterCrop -> tensor -> ImageNet normalisation."""
     steps = [] if resized else [transforms.Resize(config.resize_size())]
-    steps += [transforms.CenterCrop(config.crop), transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    steps += [transforms.CenterCrop(config.crop), transforms.ToTensor(),
+              transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     return transforms.Compose(steps)
 
 
@@ -128,7 +148,7 @@ class ImageDataset(torch.utils.data.Dataset):
     read gives ``(None, label, path)`` instead of raising, for :func:`collate_skipping` to drop.
     """
 
-    def __init__(self, paths: Sequence[str], labels: Sequence[int], transform: Callable, cache=None,
+    def __init__(self, paths: Sequence[str], labels: Sequence[int] | np.ndarray, transform: Callable, cache=None,
                  decode: str = "robust", skip_bad: bool = False):
         self.paths = list(paths)
         self.labels = np.asarray(labels, dtype=np.int64)
@@ -207,8 +227,8 @@ def find_bad_images(paths: Sequence[str], workers: int | None = None, progress: 
         if progress:
             from tqdm import tqdm
 
-            reasons = tqdm(reasons, total=len(paths), desc="verifying images", unit="img", leave=False)
-        return [(path, reason) for path, reason in zip(paths, reasons) if reason is not None]
+            reasons = iter(tqdm(reasons, total=len(paths), desc="verifying images", unit="img", leave=False))
+        return [(path, reason) for path, reason in zip(paths, reasons, strict=True) if reason is not None]
 
 
 def verify_images(paths: Sequence[str], workers: int | None = None, progress: bool = False) -> None:

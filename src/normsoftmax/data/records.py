@@ -8,8 +8,8 @@ preparation checks) only ever sees this form.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -39,18 +39,19 @@ class ImageSet:
         return len(self.class_names)
 
     @classmethod
-    def from_raw(cls, paths: Sequence[str], raw_labels: Sequence, names: dict | None = None) -> "ImageSet":
+    def from_raw(cls, paths: Sequence[str], raw_labels: Sequence, names: dict | None = None) -> ImageSet:
         """Remap arbitrary labels (ints or strings) to ``0..C-1`` in sorted order of the raw label."""
         return remap_shared([(paths, raw_labels)], names)[0]
 
 
 def remap_shared(sets: Iterable[tuple[Sequence[str], Sequence]], names: dict | None = None) -> list[ImageSet]:
     """Remap several splits into ONE label space (In-Shop query and gallery; CSV query/gallery)."""
-    sets = [(list(p), list(lab)) for p, lab in sets]
-    ordered = sorted({value for _, labels in sets for value in labels}, key=_sort_key)
+    listed = [(list(p), list(lab)) for p, lab in sets]
+    ordered = sorted({value for _, labels in listed for value in labels}, key=_sort_key)
     index = {value: i for i, value in enumerate(ordered)}
     class_names = [str(names[value]) if names and value in names else str(value) for value in ordered]
-    return [ImageSet(paths, np.array([index[v] for v in labels], dtype=np.int64), class_names) for paths, labels in sets]
+    return [ImageSet(paths, np.array([index[v] for v in labels], dtype=np.int64), class_names)
+            for paths, labels in listed]
 
 
 def _sort_key(value):
@@ -84,6 +85,13 @@ class DatasetRecords:
     def query_gallery(self) -> bool:
         return self.test is None
 
+    def split(self, name: str) -> ImageSet:
+        """The split called ``name`` (train, test, query or gallery); an error naming the ones there are."""
+        found = self.splits().get(name)
+        if found is None:
+            raise DatasetError(f"{self.name} has no {name} split; it has {', '.join(self.splits())}")
+        return found
+
     def splits(self) -> dict[str, ImageSet]:
         named = {"train": self.train, "test": self.test, "query": self.query, "gallery": self.gallery}
         return {name: split for name, split in named.items() if split is not None}
@@ -99,7 +107,8 @@ class DatasetRecords:
     def check_trainable(self, source: str) -> None:
         """Refuse label sets that cannot train or evaluate, naming where they came from."""
         if self.train.num_classes < 2:
-            raise DatasetError(f"{source}: the training split has {self.train.num_classes} class(es); at least 2 are needed")
+            raise DatasetError(f"{source}: the training split has {self.train.num_classes} class(es); at least 2 are "
+                               "needed")
         evaluated = self.test if self.test is not None else self.query
         if evaluated is not None and len(evaluated) == 0:
             raise DatasetError(f"{source}: the evaluation split is empty")

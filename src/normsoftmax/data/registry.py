@@ -4,14 +4,15 @@ A spec says everything the package needs to know about a dataset -- how to read 
 reference script and users call it by, its Recall@K cut-offs, the published counts, the paper's
 hyperparameters for it, and where its official files come from. The recipes, the ``--dataset``
 and ``--recipe`` choices, ``prepare``'s sources and the count checks are all derived from the specs,
-so a new dataset is added in one place: a reader and a ``register_dataset(DatasetSpec(...))`` call.
+so a new dataset is added in one place: a reader and its spec. The built-in specs are registered once, by
+the package (``normsoftmax/data/__init__.py``, from an explicit list); users call ``register_dataset``.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from .records import DatasetError, DatasetRecords
 
@@ -79,18 +80,12 @@ def register_dataset(spec: DatasetSpec) -> DatasetSpec:
     return spec
 
 
-def _load_builtin() -> None:
-    from . import benchmarks, custom  # noqa: F401  (their specs register on import)
-
-
 def registered_datasets() -> list[DatasetSpec]:
-    _load_builtin()
     return list(_REGISTRY.values())
 
 
 def dataset_spec(name: str) -> DatasetSpec:
     """The spec registered under ``name`` or one of its aliases (any case)."""
-    _load_builtin()
     try:
         return _REGISTRY[_ALIASES[name.lower()]]
     except KeyError:
@@ -119,9 +114,8 @@ def compare_with_reference(name: str, records: DatasetRecords) -> list[str]:
     counts = records.counts()
     for split, expected in expected_counts.items():
         found = counts.get(split, {"images": 0, "classes": 0})
-        for key in ("images", "classes"):
-            if found[key] != expected[key]:
-                differences.append(f"{name} {split}: {found[key]} {key}, the reference count is {expected[key]}")
+        differences += [f"{name} {split}: {found[key]} {key}, the reference count is {expected[key]}"
+                        for key in ("images", "classes") if found[key] != expected[key]]
     return differences
 
 

@@ -13,22 +13,22 @@ of a distributed run draws the same global batch and keeps its own slice
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 
 
 class ClassBalancedBatchSampler:
-    def __init__(self, labels: Sequence[int], batch_size: int, images_per_class: int, seed: int = 0,
+    def __init__(self, labels: Sequence[int] | np.ndarray, batch_size: int, images_per_class: int, seed: int = 0,
                  num_replicas: int = 1, rank: int = 0):
-        labels = np.asarray(labels)
+        label_array = np.asarray(labels)
         if batch_size < 1 or images_per_class < 1:
             raise ValueError(f"batch_size ({batch_size}) and images_per_class ({images_per_class}) must be positive")
         if images_per_class > batch_size:
             raise ValueError(f"images_per_class ({images_per_class}) is larger than batch_size ({batch_size}): "
                              f"a batch could not hold even one class")
         self.classes_per_batch = batch_size // images_per_class
-        classes, inverse = np.unique(labels, return_inverse=True)
+        classes, inverse = np.unique(label_array, return_inverse=True)
         if len(classes) < self.classes_per_batch:
             raise ValueError(f"a batch of {batch_size} with {images_per_class} images per class needs "
                              f"{self.classes_per_batch} distinct classes, but the labels hold only {len(classes)}; "
@@ -38,8 +38,9 @@ class ClassBalancedBatchSampler:
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
         if self.classes_per_batch % num_replicas:
-            raise ValueError(f"{self.classes_per_batch} classes per batch cannot be shared evenly by {num_replicas} ranks")
-        self.labels = labels
+            raise ValueError(f"{self.classes_per_batch} classes per batch cannot be shared evenly by {num_replicas} "
+                             "ranks")
+        self.labels = label_array
         self.batch_size = batch_size
         self.images_per_class = images_per_class
         self.seed = seed

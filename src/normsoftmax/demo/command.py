@@ -20,55 +20,29 @@ import logging
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from ..config import DemoConfig, TrainConfig
+from ..config import DemoConfig
 from ..data.custom import load_folder
-from ..data.images import load_rgb
+from ..data.images import ImageTransformConfig, load_rgb
 from ..evaluation import evaluate_embeddings, evaluate_model, recall_report
 from ..files import atomic_write
 from ..model import create_embedder
 from ..runtime import loader_workers, resolve_amp, resolve_device
-from ..training.recipe import image_transform, train_embedder
+from ..training import train_embedder
+from .common import DEMO_KS, demo_train_config, results_table
 from .glyphs import generate_glyph_dataset
+from .transfer import run_transfer_demo
 
 logger = logging.getLogger(__name__)
-
-DEMO_KS = [1, 2, 4, 8]
-
-
-def demo_train_config(config: DemoConfig, dataset_root: Path, run_dir: Path) -> TrainConfig:
-    crop = config.image_size - config.image_size // 8
-    classes_per_batch = min(20, config.num_classes // 2)  # 20 classes x 4 images, fewer for a small demo
-    values = dict(dataset="folder", dataset_root=str(dataset_root), run_dir=str(run_dir), model_name="resnet18",
-                  weights="none", dim=512, optimizer="adamw", lr=1e-3, weight_decay=5e-4, scheduler="cosine",
-                  pretrain_epochs=0, epochs_per_step=config.epochs, num_steps=1, test_every_n_epochs=config.epochs,
-                  class_balancing=True, batch_size=4 * classes_per_batch, images_per_class=4, resize=config.image_size, crop=crop,
-                  hflip=False, amp="auto", channels_last=True, seed=config.seed, device=config.device,
-                  workers=config.workers, ks=DEMO_KS, nmi=True, progress=config.progress, keep_checkpoints=1)
-    values.update(config.train_overrides)
-    return TrainConfig(**values)
-
 
 def raw_pixel_embeddings(paths: list[str], size: int) -> np.ndarray:
     """Flattened pixels, centred on their mean so that cosine similarity and sign bits are meaningful."""
     pixels = np.stack([np.asarray(load_rgb(p).resize((size, size)), dtype=np.float32).ravel() / 255.0 for p in paths])
     return pixels - pixels.mean(axis=0, keepdims=True)
-
-
-def _table(results: dict) -> str:
-    width = max(14, *(len(name) + 1 for name in results))
-    header = (f"{'embedding':<{width}}" + "".join(f"{'R@' + str(k):>8}" for k in DEMO_KS) + f"{'MAP@R':>8}"
-              + "   | binary " + "".join(f"{'R@' + str(k):>8}" for k in DEMO_KS))
-    rows = [header, "-" * len(header)]
-    for name, result in results.items():
-        row = (f"{name:<{width}}" + "".join(f"{result['float'][f'recall@{k}']:8.2f}" for k in DEMO_KS)
-               + f"{result['float']['map@r']:8.2f}")
-        row += "   |        " + "".join(f"{result['binary'][f'recall@{k}']:8.2f}" for k in DEMO_KS)
-        rows.append(row)
-    return "\n".join(rows)
 
 
 def run_demo(config: DemoConfig) -> dict:
@@ -77,8 +51,6 @@ def run_demo(config: DemoConfig) -> dict:
     ``config.transfer`` runs the transfer demo instead (:mod:`normsoftmax.demo.transfer`).
     """
     if config.transfer:
-        from .transfer import run_transfer_demo
-
         return run_transfer_demo(config)
     started = time.perf_counter()
     output = Path(config.output).resolve()
@@ -87,14 +59,15 @@ def run_demo(config: DemoConfig) -> dict:
                                         images_per_class=config.images_per_class, image_size=config.image_size,
                                         seed=config.seed, progress=config.progress)
     records = load_folder(glyph_root)
+    unseen = records.split("test")
     run_dir = set_aside(output / "run")
     train_config = demo_train_config(config, glyph_root, run_dir)
     device = resolve_device(config.device)
-    transform_config = image_transform(train_config)
+    transform_config = ImageTransformConfig.of(train_config)
 
-    results = {}
-    results["raw_pixels"] = evaluate_embeddings(raw_pixel_embeddings(records.test.paths, config.image_size),
-                                                records.test.labels, ks=DEMO_KS, nmi=True)
+    results: dict[str, Any] = {}
+    results["raw_pixels"] = evaluate_embeddings(raw_pixel_embeddings(unseen.paths, config.image_size), unseen.labels,
+                                                ks=DEMO_KS, nmi=True)
     torch.manual_seed(config.seed)
     untrained = create_embedder(train_config.model_name, train_config.dim, weights="none").to(device)
     untrained = untrained.to(memory_format=torch.channels_last)
@@ -110,14 +83,15 @@ def run_demo(config: DemoConfig) -> dict:
                 "counts": records.counts()}
     atomic_write(output / "results.json", json.dumps(document, indent=2) + "\n")
     print()
-    print(f"Retrieval on {records.test.num_classes} glyph classes never seen in training "
-          f"({len(records.test)} images; leave-one-out, cosine / Hamming):")
-    print(_table({"raw pixels": results["raw_pixels"], "untrained": results["untrained"], "trained": results["trained"]}))
+    print(f"Retrieval on {unseen.num_classes} glyph classes never seen in training "
+          f"({len(unseen)} images; leave-one-out, cosine / Hamming):")
+    print(results_table({"raw pixels": results["raw_pixels"], "untrained": results["untrained"],
+                         "trained": results["trained"]}))
     print()
     for line in recall_report(results["trained"]):
         print(f"trained {line}")
     print(f"\nresults: {output / 'results.json'}   (run directory {run_dir}, {document['seconds']:.0f} s in all)")
-    print(f"\nThe {len(records.test)} unseen glyphs are indexed in {index_dir}. Search them in a browser:\n"
+    print(f"\nThe {len(unseen)} unseen glyphs are indexed in {index_dir}. Search them in a browser:\n"
           f"  normsoftmax serve {run_dir} {index_dir}\n  then open http://127.0.0.1:8000/")
     return document
 

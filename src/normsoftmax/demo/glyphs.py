@@ -97,9 +97,9 @@ import sys
 import tempfile
 import unicodedata
 import uuid
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -266,7 +266,7 @@ def _font(face: str, px: int) -> ImageFont.FreeTypeFont:
 
 def _ink(char: str, font: ImageFont.FreeTypeFont) -> np.ndarray | None:
     """The glyph's coverage (uint8), cropped to its ink; None when it draws nothing."""
-    x0, y0, x1, y1 = font.getbbox(char)
+    x0, y0, x1, y1 = (int(edge) for edge in font.getbbox(char))
     if x1 <= x0 or y1 <= y0:
         return None
     canvas = Image.new("L", (x1 - x0 + 4, y1 - y0 + 4))
@@ -364,7 +364,7 @@ def _uncovered(bitmaps: np.ndarray) -> np.ndarray:
     return (ink @ far.T) / np.maximum(ink.sum(axis=1, keepdims=True), 1.0)
 
 
-def _render_candidates() -> tuple[list[tuple[int, str, tuple, tuple]], list[dict], list[str]]:
+def _render_candidates() -> tuple[list[tuple[int, str, tuple[str, ...]]], list[dict], list[str]]:
     """Candidates that pass the per-character filters, with their normalised bitmaps per face."""
     cmaps = _cmaps()
     faces = [name for name, _, _ in FONT_FACES if name in cmaps]
@@ -461,7 +461,7 @@ def select_classes(num_classes: int) -> list[GlyphClass]:
         raise ValueError(f"num_classes={num_classes} but only {len(pool)} distinct characters are available "
                          f"from matplotlib's fonts")
     queues: dict[str, list[GlyphClass]] = {}
-    for rank, glyph in enumerate(pool):
+    for glyph in pool:
         queues.setdefault(glyph.group, []).append(glyph)
     order = {glyph.codepoint: rank for rank, glyph in enumerate(pool)}
     for group in queues:

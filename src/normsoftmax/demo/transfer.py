@@ -10,8 +10,8 @@ scripts):
    momentum 0.9 and weight decay 1e-4, one warm-up epoch training only the new parameters (the proxies;
    dim 512 is ResNet18's width, so there is no projection, as dim 2048 with ResNet50 in the paper) at
    lr x lr_mult = 0.001, then all parameters with the lr divided by 10 every ``epochs_per_step`` epochs;
-   class-balanced batches of 75 (3 classes x 25 images). Only the image size (64 px glyphs, 56 px crops, no flips: a mirrored glyph
-   is another character) and the epoch counts are scaled down.
+   class-balanced batches of 75 (3 classes x 25 images). Only the image size (64 px glyphs, 56 px crops, no
+   flips: a mirrored glyph is another character) and the epoch counts are scaled down.
 3. **C -- evaluation**, classes neither stage saw: Recall@K of the pretrained backbone's features alone
    (through the same head: average pool, LayerNorm, L2) against the embedder after the paper's recipe,
    float and binary.
@@ -27,15 +27,16 @@ from pathlib import Path
 
 import torch
 
-from ..config import DemoConfig, TrainConfig
+from ..checkpoint import load_embedder
+from ..config import DemoConfig, TrainConfig, required
+from ..data.images import ImageTransformConfig
 from ..data.registry import load_dataset
 from ..evaluation import evaluate_model
 from ..files import atomic_write
 from ..model import create_embedder
 from ..runtime import loader_workers, resolve_amp, resolve_device
-from ..training.checkpoint import load_embedder
-from ..training.recipe import image_transform, train_embedder
-from .command import DEMO_KS, _table, demo_train_config
+from ..training import train_embedder
+from .common import DEMO_KS, demo_train_config, results_table
 from .glyphs import generate_glyph_dataset
 
 TRANSFER_CLASSES = 600  # three sets of 200
@@ -81,17 +82,19 @@ def run_transfer_demo(config: DemoConfig) -> dict:
     backbone = output / "pretrained_backbone.pt"
     torch.save(load_embedder(pretrain_summary["run_dir"]).backbone.state_dict(), backbone)
 
-    paper = paper_recipe_config(pretrain, recipe_csv, backbone, _fresh(output / "B-paper-recipe"), config.train_overrides)
+    paper = paper_recipe_config(pretrain, recipe_csv, backbone, _fresh(output / "B-paper-recipe"),
+                                config.train_overrides)
     features = _features_alone(paper, backbone, config)
     paper_summary = train_embedder(paper)
     results = {"pretrained features": features, "paper's recipe": paper_summary["last"]}
-    document = {**results, "seconds": round(time.perf_counter() - started, 1), "classes": {k: len(v) for k, v in part.items()},
+    document = {**results, "seconds": round(time.perf_counter() - started, 1),
+                "classes": {k: len(v) for k, v in part.items()},
                 "pretraining_run": pretrain_summary["run_dir"], "paper_run": paper_summary["run_dir"],
                 "paper_recipe": {k: getattr(paper, k) for k in PAPER_RECIPE}, "config": asdict(config)}
     atomic_write(output / "results.json", json.dumps(document, indent=2) + "\n")
     print(f"\nRetrieval on the {len(part['C'])} glyph classes C that neither stage trained on "
           f"(leave-one-out, cosine / Hamming):")
-    print(_table(results))
+    print(results_table(results))
     gain = results["paper's recipe"]["float"]["recall@1"] - features["float"]["recall@1"]
     print(f"\nthe paper's recipe on B changed R@1 on C by {gain:+.2f} points; results: {output / 'results.json'} "
           f"({document['seconds']:.0f} s in all)")
@@ -107,15 +110,17 @@ def paper_recipe_config(pretrain: TrainConfig, recipe_csv: Path, backbone: Path,
 
 def _features_alone(paper: TrainConfig, backbone: Path, config: DemoConfig) -> dict:
     """Recall on C of the pretrained backbone with the paper's head and nothing trained on top."""
-    records = load_dataset("csv", paper.dataset_root)
+    records = load_dataset("csv", required(paper.dataset_root, "the recipe's dataset"))
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)
     model = create_embedder(paper.model_name, paper.dim, weights=str(backbone)).to(device)
     if paper.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    result, _ = evaluate_model(model, records, image_transform(paper), DEMO_KS, 128, device,
+    result, _ = evaluate_model(model, records, ImageTransformConfig.of(paper), DEMO_KS, 128, device,
                                loader_workers(config.workers), resolve_amp(paper.amp, device), paper.channels_last,
                                nmi=True)
+    if result is None:  # only ranks other than 0 under torchrun get no result
+        raise RuntimeError("the transfer demo runs in one process")
     return result
 
 

@@ -66,7 +66,8 @@ def check_embeddings_arrays(embeddings, labels, query_embeddings, query_labels, 
         y = _check_labels(labels, "labels", x.shape[0])
         return "leave-one-out", x, y, None, None
     if has_qg:
-        missing = [n for n, v in zip(("query_embeddings", "query_labels", "gallery_embeddings", "gallery_labels"), qg) if v is None]
+        names = ("query_embeddings", "query_labels", "gallery_embeddings", "gallery_labels")
+        missing = [name for name, value in zip(names, qg, strict=True) if value is None]
         if missing:
             raise ValueError(f"query-gallery evaluation needs all four arrays; missing: {', '.join(missing)}")
         xq = _check_embeddings(query_embeddings, "query_embeddings")

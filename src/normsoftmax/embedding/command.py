@@ -20,8 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import EmbedConfig, default_dataset_root
+from ..checkpoint import digest_of, load_embedder, run_config_of
+from ..config import EmbedConfig, default_dataset_root, required
 from ..data.custom import IMAGE_EXTENSIONS
+from ..data.images import ImageTransformConfig
 from ..data.records import DatasetError
 from ..data.registry import load_dataset
 from ..runtime import Distributed, autocast, loader_settings, loader_workers
@@ -33,37 +35,34 @@ logger = logging.getLogger(__name__)
 
 def embed_files(config: EmbedConfig) -> dict:
     """Embed the images ``config`` names into ``config.out``; returns count, dim, out and whether this is rank 0."""
-    from ..training.checkpoint import load_embedder
-    from ..training.recipe import image_transform
-
     if not config.out:
         raise ValueError("embed needs --out FILE.npz")
     if bool(config.images) == bool(config.dataset):
         raise ValueError("give either a folder / CSV of images or --dataset NAME (with --split)")
     dist = Distributed.from_environment(config.device)
     device = dist.device(config.device)
-    model = load_embedder(config.checkpoint, device)
+    model = load_embedder(required(config.checkpoint, "a checkpoint or run directory"), device)
+    run_config, digest = run_config_of(model), digest_of(model)
     paths, labels, label_names, source, decode = _images(config)
     out = Path(config.out)
     amp = run_amp(model, config.amp, device)
     config = EmbedConfig(**{**asdict(config), "amp": amp})
-    metadata = {"model": {"checkpoint": model.checkpoint, "digest": model.digest, "model_name": model.backbone_name,
-                          "dim": model.dim, "resize": model.train_config.resize, "crop": model.train_config.crop,
-                          "amp": amp},
+    metadata = {"model": {"checkpoint": model.checkpoint, "digest": digest, "model_name": model.backbone_name,
+                          "dim": model.dim, "resize": run_config.resize, "crop": run_config.crop, "amp": amp},
                 "source": source, "label_names": label_names}
     batch = config.batch_size
     batches = None
     if dist.is_main:  # one view of what is done, before any rank writes a new chunk
-        done = _embedded_so_far(out, model.digest, True)
+        done = _embedded_so_far(out, digest, True)
         batches = [i for i in range(0, len(paths), batch) if any(p not in done for p in paths[i:i + batch])]
     batches = dist.broadcast(batches)
     mine = batches[dist.rank::dist.world_size]
     logger.info("%d images, %d batches of %d to embed; rank %d embeds %d of them", len(paths), len(batches), batch,
                 dist.rank, len(mine))
-    _embed_batches(model, config, paths, mine, out, dist.rank, image_transform(model.train_config), decode, device)
+    _embed_batches(model, config, paths, mine, out, dist.rank, ImageTransformConfig.of(run_config), decode, device)
     dist.barrier()
     if dist.is_main:
-        found = _embedded_so_far(out, model.digest, True)
+        found = _embedded_so_far(out, digest, True)
         missing = [p for p in paths if p not in found]
         if missing:
             raise RuntimeError(f"{len(missing)} images were not embedded (first: {missing[0]}); run the command again")
@@ -91,7 +90,7 @@ def _embed_batches(model, config: EmbedConfig, paths, batches, out: Path, rank: 
 
         progress = tqdm(total=len(sampler), desc="embedding", unit="batch", leave=False)
     pending_paths, pending = [], []
-    for number, ((images, _), indices) in enumerate(zip(loader, sampler), start=1):
+    for number, ((images, _), indices) in enumerate(zip(loader, sampler, strict=True), start=1):
         images = images.to(device, non_blocking=True)
         if model.train_config.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -121,7 +120,8 @@ def _embedded_so_far(out: Path, digest: str, check: bool) -> dict[str, np.ndarra
             data = read_embeddings(file)
         except ValueError as error:
             if file == out:
-                raise ValueError(f"{out} exists and is not an embeddings file ({error}); choose another --out") from None
+                raise ValueError(f"{out} exists and is not an embeddings file ({error}); "
+                                 "choose another --out") from None
             logger.warning("ignoring the unreadable partial file %s (%s)", file, error)
             continue
         file_digest = data.metadata.get("model", {}).get("digest", data.metadata.get("digest"))
@@ -130,7 +130,7 @@ def _embedded_so_far(out: Path, digest: str, check: bool) -> dict[str, np.ndarra
                 raise ValueError(f"{out} holds embeddings of another model (digest {str(file_digest)[:12]}, this "
                                  f"model {digest[:12]}); choose another --out or delete it")
             continue
-        found.update(zip(data.paths, data.embeddings))
+        found.update(zip(data.paths, data.embeddings, strict=True))
     return found
 
 
@@ -138,12 +138,11 @@ def _images(config: EmbedConfig):
     """(paths, labels or None, label names, source description, decoder) of what ``config`` names."""
     if config.dataset:
         records = load_dataset(config.dataset, config.dataset_root or default_dataset_root(config.dataset))
-        split = records.splits().get(config.split)
-        if split is None:
-            raise ValueError(f"{records.name} has no {config.split!r} split; it has {', '.join(records.splits())}")
+        split = records.split(config.split)
         return (list(split.paths), split.labels, list(split.class_names),
-                {"kind": "dataset", "dataset": records.name, "root": records.root, "split": config.split}, records.decode)
-    location = Path(config.images).expanduser().resolve()
+                {"kind": "dataset", "dataset": records.name, "root": records.root, "split": config.split},
+                records.decode)
+    location = Path(required(config.images, "a folder or CSV of images")).expanduser().resolve()
     if location.is_dir():
         paths = sorted(str(p) for p in location.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         if not paths:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -37,15 +37,16 @@ def embed_dataset(model: torch.nn.Module, dataset: torch.utils.data.Dataset, bat
     device = torch.device(device)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                          **loader_settings(device, workers))
+    batches: Iterable = loader
     if progress:
         from tqdm import tqdm
 
-        loader = tqdm(loader, desc=description, unit="batch", leave=False)
+        batches = tqdm(loader, desc=description, unit="batch", leave=False)
     was_training = model.training
     model.eval()
     chunks = []
     try:
-        for images, _ in loader:
+        for images, _ in batches:
             images = images.to(device, non_blocking=True)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -69,14 +70,11 @@ def embed_images(model: torch.nn.Module, paths: Sequence[str], *, batch_size: in
     """
     config = getattr(model, "train_config", None)
     if transform is None:
-        transform = ImageTransformConfig(resize=config.resize, crop=config.crop, keep_aspect=config.keep_aspect) \
-            if config is not None else ImageTransformConfig()
-    if device is None:
-        device = next(model.parameters()).device
-    device = resolve_device(str(device))
+        transform = ImageTransformConfig.of(config) if config is not None else ImageTransformConfig()
+    where = resolve_device(str(device if device is not None else next(model.parameters()).device))
     dataset = eval_dataset(list(paths), np.zeros(len(paths), dtype=np.int64), transform, decode=decode)
     channels_last = bool(config.channels_last) if config is not None else False
-    return embed_dataset(model, dataset, batch_size, device, workers, run_amp(model, amp, device), channels_last,
+    return embed_dataset(model, dataset, batch_size, where, workers, run_amp(model, amp, where), channels_last,
                          progress)
 
 

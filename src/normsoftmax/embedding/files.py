@@ -71,7 +71,7 @@ def save_embeddings_npz(path, *, embeddings=None, labels=None, query_embeddings=
                 raise ValueError(f"{key} has {len(value)} entries but there are {n} embeddings")
             arrays[key] = value
     with atomic_output(path) as temporary, open(temporary, "wb") as handle:
-        np.savez(handle, **arrays)
+        np.savez(handle, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as allow_pickle
 
 
 def load_embeddings_npz(path) -> dict:
@@ -103,7 +103,8 @@ def load_embeddings_npz(path) -> dict:
     path_keys = ("paths",) if has_loo else ("query_paths", "gallery_paths")
     stray = [k for k in ("paths", "query_paths", "gallery_paths") if k in arrays and k not in path_keys]
     if stray:
-        raise ValueError(f"{name}: key(s) {', '.join(stray)} do not belong to a {'leave-one-out' if has_loo else 'query-gallery'} file")
+        raise ValueError(f"{name}: key(s) {', '.join(stray)} do not belong to a "
+                         f"{'leave-one-out' if has_loo else 'query-gallery'} file")
     lengths = {"paths": len(out.get("labels", ())), "query_paths": len(out.get("query_labels", ())),
                "gallery_paths": len(out.get("gallery_labels", ()))}
     found = {}

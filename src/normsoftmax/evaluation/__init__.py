@@ -1,13 +1,13 @@
-"""Evaluation: the exact ranking engine (:mod:`.retrieval`), retrieval metrics on embeddings
+"""Evaluation: the exact ranking engine (:mod:`.ranking`), retrieval metrics on embeddings
 (:mod:`.metrics`), a dataset's protocol applied to a model (:mod:`.protocol`), and the ``evaluate``
 command (:mod:`.command`)."""
 
 from .command import evaluate_checkpoint
 from .metrics import (
-           CONVENTION,
-           evaluate_embeddings,
-           format_recall_lines,
-           nmi_by_default,
+    CONVENTION,
+    evaluate_embeddings,
+    format_recall_lines,
+    nmi_by_default,
 )
 from .protocol import evaluate_model, recall_report
 

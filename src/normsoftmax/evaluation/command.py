@@ -6,9 +6,10 @@ import json
 
 import numpy as np
 
-from ..config import EvaluateConfig, default_dataset_root, recall_ks
+from ..checkpoint import load_embedder, run_config_of
+from ..config import EvaluateConfig, default_dataset_root, recall_ks, required
 from ..data.cache import find_cache
-from ..data.images import verify_images
+from ..data.images import ImageTransformConfig, verify_images
 from ..data.registry import load_dataset
 from ..embedding.files import load_embeddings_npz, save_embeddings_npz
 from ..files import atomic_write
@@ -30,41 +31,44 @@ def evaluate_checkpoint(config: EvaluateConfig) -> dict:
 
 
 def _evaluate_saved(config: EvaluateConfig) -> dict:
-    arrays = load_embeddings_npz(config.embeddings)
+    arrays = load_embeddings_npz(required(config.embeddings, "an embeddings file"))
     arrays = {key: value for key, value in arrays.items() if not key.endswith("paths")}
-    labels = arrays.get("labels", arrays.get("query_labels"))
+    labels = arrays["labels"] if "labels" in arrays else arrays["query_labels"]
     nmi = config.nmi if config.nmi is not None else nmi_by_default(len(np.unique(labels)))
     return evaluate_embeddings(**arrays, ks=config.ks or [1, 2, 4, 8], binary=config.binary, nmi=nmi)
 
 
 def _evaluate_model_of(config: EvaluateConfig) -> dict:
-    from ..training.checkpoint import load_embedder
-    from ..training.recipe import image_transform
-
     device = resolve_device(config.device)
-    model = load_embedder(config.checkpoint, device)
-    train_config = model.train_config
+    model = load_embedder(required(config.checkpoint, "a checkpoint or run directory"), device)
+    train_config = run_config_of(model)
     if config.dataset:
         train_config.dataset = config.dataset
         train_config.dataset_root = config.dataset_root
     elif config.dataset_root:
         train_config.dataset_root = config.dataset_root
-    records = load_dataset(train_config.dataset, train_config.dataset_root or default_dataset_root(train_config.dataset))
+    records = load_dataset(train_config.dataset,
+                           train_config.dataset_root or default_dataset_root(train_config.dataset))
     evaluated = records.splits()
     evaluated.pop("train")
-    verify_images([path for split in evaluated.values() for path in split.paths], workers=loader_workers(config.workers))
-    transform = image_transform(train_config)
+    verify_images([path for split in evaluated.values() for path in split.paths],
+                  workers=loader_workers(config.workers))
+    transform = ImageTransformConfig.of(train_config)
     cache = find_cache(records, transform) if config.use_cache else None
     ks = config.ks or recall_ks(train_config.dataset)
     result, embeddings = evaluate_model(model, records, transform, ks, config.batch_size, device,
                                         loader_workers(config.workers), config.amp, train_config.channels_last,
                                         config.nmi, cache, progress=config.progress, binary=config.binary)
+    if result is None or embeddings is None:  # only under torchrun, on ranks other than 0
+        raise RuntimeError("evaluate runs in one process")
     if config.save_embeddings:
         if records.query_gallery:
-            save_embeddings_npz(config.save_embeddings, query_embeddings=embeddings["query"], query_labels=records.query.labels,
-                                gallery_embeddings=embeddings["gallery"], gallery_labels=records.gallery.labels,
-                                query_paths=records.query.paths, gallery_paths=records.gallery.paths)
+            query, gallery = records.split("query"), records.split("gallery")
+            save_embeddings_npz(config.save_embeddings, query_embeddings=embeddings["query"], query_labels=query.labels,
+                                gallery_embeddings=embeddings["gallery"], gallery_labels=gallery.labels,
+                                query_paths=query.paths, gallery_paths=gallery.paths)
         else:
-            save_embeddings_npz(config.save_embeddings, embeddings=embeddings["test"], labels=records.test.labels,
-                                paths=records.test.paths)
+            test = records.split("test")
+            save_embeddings_npz(config.save_embeddings, embeddings=embeddings["test"], labels=test.labels,
+                                paths=test.paths)
     return result

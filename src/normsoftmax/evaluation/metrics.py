@@ -35,7 +35,7 @@ Conventions (also returned, in one sentence, under ``"convention"``):
   Stanford Online Products scale (11,316 clusters) k-means is by far the most
   expensive part; pass ``nmi=False`` to skip it.
 
-Exactness and speed: see :mod:`normsoftmax.retrieval`. In short, ranks are
+Exactness and speed: see :mod:`normsoftmax.evaluation.ranking` and docs/evaluator.md. In short, ranks are
 *counted* blockwise, never sorted, and never through a full query-by-gallery
 matrix; binary results are exact (integer arithmetic); float results are equal
 to a float64 computation (low-precision tiles with a rigorous error bound, and
@@ -54,7 +54,7 @@ import numpy as np
 import torch
 
 from ..embedding.arrays import check_embeddings_arrays
-from .retrieval import (
+from .ranking import (
     BinaryScorer,
     FloatScorer,
     LabelGroups,

@@ -38,19 +38,21 @@ def evaluate_model(model: torch.nn.Module, records: DatasetRecords, transform: I
         return np.concatenate(shares) if dist.is_main else None
 
     if records.query_gallery:
-        query, gallery = embed(records.query), embed(records.gallery)
-        if query is None:
+        query_set, gallery_set = records.split("query"), records.split("gallery")
+        query, gallery = embed(query_set), embed(gallery_set)
+        if query is None or gallery is None:
             return None, None
-        use_nmi = nmi if nmi is not None else nmi_by_default(records.query.num_classes)
-        result = evaluate_embeddings(query_embeddings=query, query_labels=records.query.labels, gallery_embeddings=gallery,
-                                     gallery_labels=records.gallery.labels, ks=ks, nmi=use_nmi, binary=binary,
+        use_nmi = nmi if nmi is not None else nmi_by_default(query_set.num_classes)
+        result = evaluate_embeddings(query_embeddings=query, query_labels=query_set.labels, gallery_embeddings=gallery,
+                                     gallery_labels=gallery_set.labels, ks=ks, nmi=use_nmi, binary=binary,
                                      device=device)
         return result, {"query": query, "gallery": gallery}
-    test = embed(records.test)
+    test_set = records.split("test")
+    test = embed(test_set)
     if test is None:
         return None, None
-    use_nmi = nmi if nmi is not None else nmi_by_default(records.test.num_classes)
-    result = evaluate_embeddings(test, records.test.labels, ks=ks, nmi=use_nmi, binary=binary, device=device)
+    use_nmi = nmi if nmi is not None else nmi_by_default(test_set.num_classes)
+    result = evaluate_embeddings(test, test_set.labels, ks=ks, nmi=use_nmi, binary=binary, device=device)
     return result, {"test": test}
 
 

@@ -8,9 +8,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -78,12 +78,13 @@ def build_cache(records: DatasetRecords, config: ImageTransformConfig = ImageTra
     entries = []
     offset = 0
     started = time.perf_counter()
-    pool = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) if workers > 1 and len(paths) > 64 else None
+    parallel = workers > 1 and len(paths) > 64
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker) if parallel else None
     try:
         chunk = max(1, min(64, len(tasks) // (workers * 8) or 1))
         results = pool.map(_resize_one, tasks, chunksize=chunk) if pool else map(_resize_one, tasks)
         with atomic_output(directory / PIXELS_NAME, durable=True) as temporary, open(temporary, "wb") as sink:
-            for path, (pixels, src_size, src_mtime, digest) in tqdm(zip(paths, results), total=len(paths),
+            for path, (pixels, src_size, src_mtime, digest) in tqdm(zip(paths, results, strict=True), total=len(paths),
                                                                     desc="caching images", unit="img",
                                                                     disable=not progress, leave=False):
                 sink.write(pixels.data)
@@ -94,7 +95,8 @@ def build_cache(records: DatasetRecords, config: ImageTransformConfig = ImageTra
     except Exception as error:
         if isinstance(error, DatasetError):
             raise
-        raise DatasetError(f"building the image cache in {directory} failed ({type(error).__name__}: {error})") from None
+        reason = f"{type(error).__name__}: {error}"
+        raise DatasetError(f"building the image cache in {directory} failed ({reason})") from None
     finally:
         if pool is not None:
             pool.shutdown()

@@ -38,6 +38,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..config import PrepareConfig
 from ..data.records import DatasetError
@@ -89,7 +90,7 @@ def prepare_dataset(config: PrepareConfig) -> dict:
     if not source.preparable:
         raise PrepareError(f"prepare handles {', '.join(s.name for s in _preparable())}; {config.dataset!r} "
                            f"(a {source.name} dataset) needs no preparation: point --dataset_root at it")
-    root = Path(config.root or source.default_root).expanduser().resolve()
+    root = Path(config.root or source.default_root or f"data/{source.name}").expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
     manifest_path = root / MANIFEST_NAME
     previous = _read_manifest(manifest_path)
@@ -97,7 +98,8 @@ def prepare_dataset(config: PrepareConfig) -> dict:
         raise PrepareError(f"{root} already holds {previous.get('dataset')} (see {manifest_path}); "
                            f"prepare each dataset in its own folder, e.g. --root {root / source.name}")
     explicit = bool(config.urls or config.from_archives or config.sha256)
-    if previous and previous.get("status") == "complete" and (not explicit or previous.get("request") == _request(config)):
+    same_request = not explicit or (previous or {}).get("request") == _request(config)
+    if previous and previous.get("status") == "complete" and same_request:
         manifest = _already_prepared(previous, manifest_path, source, config)
     else:
         manifest, records = _fetch_and_verify(source, root, config, force_extract=bool(previous))
@@ -127,7 +129,7 @@ def _fetch_and_verify(source: DatasetSpec, root: Path, config: PrepareConfig, fo
     warnings: list[str] = []
     entries = [_obtain(item, root, config, warnings) for item in plan]
     top_levels: list[str] = []
-    for entry, item in zip(entries, plan):
+    for entry, item in zip(entries, plan, strict=True):
         local = Path(entry["path"])
         if item.spec.extract:
             try:
@@ -139,7 +141,7 @@ def _fetch_and_verify(source: DatasetSpec, root: Path, config: PrepareConfig, fo
         else:
             _place(local, root / (item.spec.place or item.spec.filename))
     official = all(entry["official"] for entry in entries)
-    manifest = {
+    manifest: dict[str, Any] = {
         "format": MANIFEST_FORMAT, "dataset": source.name, "title": source.title, "homepage": source.homepage,
         "root": str(root), "official": official, "sources": entries,
         "checksums": {e["file"]: {"sha256": e["sha256"], "md5": e["md5"], "size": e["size"]} for e in entries},
@@ -225,12 +227,14 @@ class _Planned:
 
 
 def _request(config: PrepareConfig) -> dict:
-    return {"urls": list(config.urls), "from_archives": [str(Path(p).expanduser().resolve()) for p in config.from_archives],
+    return {"urls": list(config.urls),
+            "from_archives": [str(Path(p).expanduser().resolve()) for p in config.from_archives],
             "sha256": [s.lower() for s in config.sha256]}
 
 
 def _plan(source: DatasetSpec, config: PrepareConfig, root: Path) -> list[_Planned]:
-    items = [("download", url) for url in config.urls] + [("archive", str(Path(p).expanduser())) for p in config.from_archives]
+    items = [("download", url) for url in config.urls]
+    items += [("archive", str(Path(p).expanduser())) for p in config.from_archives]
     if not items:
         if not all(spec.urls for spec in source.files):
             raise PrepareError(source.instructions.format(root=root))
@@ -264,8 +268,8 @@ def _assign(source: DatasetSpec, items: list[tuple[str, str]]) -> dict:
         match = next((s.filename for s in source.files if s.filename.lower() == base), None)
         if match is None:
             pending.append(item)
-        elif assigned[match] is not None:
-            raise PrepareError(f"two sources given for {match}: {assigned[match][1]} and {item[1]}")
+        elif (earlier := assigned[match]) is not None:
+            raise PrepareError(f"two sources given for {match}: {earlier[1]} and {item[1]}")
         else:
             assigned[match] = item
     for item in pending:
@@ -308,7 +312,7 @@ def _parse_sha256(values: list[str], source: DatasetSpec, items, items_by_file) 
                  else [s.filename for s in source.files])
         if len(positional) > len(order):
             raise PrepareError(f"{len(positional)} --sha256 values for {len(order)} file(s) ({', '.join(order)})")
-        for filename, digest in zip(order, positional):
+        for filename, digest in zip(order, positional, strict=True):
             hashes.setdefault(filename, digest)
     return hashes
 
@@ -317,8 +321,9 @@ def _parse_sha256(values: list[str], source: DatasetSpec, items, items_by_file) 
 
 def _obtain(item: _Planned, root: Path, config: PrepareConfig, warnings: list[str]) -> dict:
     spec = item.spec
-    pinned = {"sha256": spec.sha256, "md5": spec.md5, "size": spec.size}
+    pinned: dict[str, Any] = {"sha256": spec.sha256, "md5": spec.md5, "size": spec.size}
     has_pinned = any(v is not None for v in pinned.values())
+    expected: dict[str, Any]
     if item.user_sha256:
         expected = {"sha256": item.user_sha256, "md5": None, "size": None}
         checksum = "given with --sha256"
@@ -344,7 +349,7 @@ def _obtain(item: _Planned, root: Path, config: PrepareConfig, warnings: list[st
                 log.warning("%s", error)
         if result is None:
             raise PrepareError(f"could not download {spec.filename}:\n  " + "\n  ".join(errors))
-        digests = {"sha256": result.sha256, "md5": result.md5, "size": result.size}
+        digests: dict[str, Any] = {"sha256": result.sha256, "md5": result.md5, "size": result.size}
         path, location = destination, result.url
     else:
         path = Path(item.locations[0]).expanduser().resolve()
@@ -409,9 +414,10 @@ def _locate(source: DatasetSpec, root: Path, top_levels: list[str]):
 def _verify(name: str, records, load_error, official: bool, workers: int | None, progress: bool) -> dict:
     from ..data.images import find_bad_images
 
-    errors, warnings = [], []
-    report = {"counts": {}, "reference_counts": dataset_spec(name).reference_counts, "reference_differences": [],
-              "bad_files": [], "verified_at": _now()}
+    errors: list[str] = []
+    warnings: list[str] = []
+    report: dict[str, Any] = {"counts": {}, "reference_counts": dataset_spec(name).reference_counts,
+                              "reference_differences": [], "bad_files": [], "verified_at": _now()}
     if records is None:
         errors.append(f"the dataset does not load: {load_error}")
     else:
@@ -437,8 +443,8 @@ def _reverify(manifest: dict, manifest_path: Path, workers: int | None, progress
     dataset_root = Path(manifest["dataset_root"])
     try:
         records, load_error = load_dataset(name, dataset_root), None
-    except DatasetError as error:
-        records, load_error = None, error
+    except DatasetError as failure:
+        records, load_error = None, failure
     report = _verify(name, records, load_error, bool(manifest.get("official")), workers, progress)
     report["checked_at"] = report.pop("verified_at")
     cache_info = manifest.get("cache")
@@ -469,10 +475,11 @@ def _ensure_cache(manifest: dict, manifest_path: Path, config: PrepareConfig, re
     transform = ImageTransformConfig(resize=config.cache_size, keep_aspect=config.cache_keep_aspect)
     if records is None:
         records = load_dataset(manifest["dataset"], manifest["dataset_root"])
-    current = manifest.get("cache")
-    if current and current.get("resize") == transform.resize and current.get("keep_aspect") == transform.keep_aspect:
-        if find_cache(records, transform, current["path"]) is not None:
-            return manifest
+    current = manifest.get("cache") or {}
+    same_geometry = bool(current) and current.get("resize") == transform.resize \
+        and current.get("keep_aspect") == transform.keep_aspect
+    if same_geometry and find_cache(records, transform, current["path"]) is not None:
+        return manifest
     directory = build_cache(records, transform, workers=config.workers, progress=config.progress)
     manifest = dict(manifest)
     manifest["cache"] = {"path": str(directory), "resize": transform.resize, "keep_aspect": transform.keep_aspect,

@@ -21,9 +21,9 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from ..files import atomic_write
 
@@ -78,7 +78,8 @@ def file_digests(path: str | os.PathLike, progress: bool = False, desc: str | No
     return {"sha256": sha.hexdigest(), "md5": md5.hexdigest(), "size": size}
 
 
-def verify_digests(digests: dict, sha256: str | None = None, md5: str | None = None, size: int | None = None) -> list[str]:
+def verify_digests(digests: dict, sha256: str | None = None, md5: str | None = None,
+                   size: int | None = None) -> list[str]:
     """Human-readable mismatches between ``digests`` and the expected values (empty when all match)."""
     problems = []
     if size is not None and int(digests["size"]) != int(size):
@@ -148,7 +149,8 @@ def download(url: str, dest: str | os.PathLike, *, sha256: str | None = None, md
     return result
 
 
-def _reuse_existing(dest: Path, url: str, source_path: Path, sha256, md5, size, progress: bool) -> DownloadResult | None:
+def _reuse_existing(dest: Path, url: str, source_path: Path, sha256, md5, size,
+                    progress: bool) -> DownloadResult | None:
     """The finished ``dest`` when it verifies (or, with nothing to verify, came from ``url``); else clear it."""
     if not dest.is_file():
         return None
@@ -252,7 +254,8 @@ def _request(url: str, part: Path, offset: int, meta: dict, timeout: float, resu
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"})
     if offset > 0 and _is_http(url):
         request.add_header("Range", f"bytes={offset}-")
-        validator = meta.get("etag") if meta.get("etag") and not str(meta["etag"]).startswith("W/") else meta.get("last_modified")
+        strong_etag = meta.get("etag") and not str(meta["etag"]).startswith("W/")
+        validator = meta.get("etag") if strong_etag else meta.get("last_modified")
         if validator:
             request.add_header("If-Range", validator)  # a changed file on the server answers 200, not 206
         result.range_requests += 1
@@ -269,7 +272,8 @@ def _request(url: str, part: Path, offset: int, meta: dict, timeout: float, resu
             part.unlink(missing_ok=True)
             raise _Transient("HTTP 416 on resume") from None
         if error.code >= 500 or error.code in TRANSIENT_4XX:
-            raise _Transient(f"HTTP {error.code} {error.reason}", _retry_after(error.headers.get("Retry-After"))) from None
+            raise _Transient(f"HTTP {error.code} {error.reason}",
+                             _retry_after(error.headers.get("Retry-After"))) from None
         raise _Permanent(f"HTTP {error.code} {error.reason}") from None
     except ValueError as error:  # unknown URL scheme, malformed URL
         raise _Permanent(str(error)) from None
@@ -332,6 +336,8 @@ def _content_length(headers) -> int | None:
 
 def _parse_content_range(value: str | None) -> tuple[int | None, int | None]:
     # "bytes 100-199/200" or "bytes 100-199/*"
+    if value is None:
+        return None, None
     try:
         unit, spec = value.split(" ", 1)
         span, total = spec.split("/", 1)
@@ -343,9 +349,11 @@ def _parse_content_range(value: str | None) -> tuple[int | None, int | None]:
 
 def _total_from_content_range(value: str | None) -> int | None:
     # "bytes */200"
+    if value is None:
+        return None
     try:
         return int(value.rsplit("/", 1)[1])
-    except (AttributeError, IndexError, ValueError):
+    except (IndexError, ValueError):
         return None
 
 

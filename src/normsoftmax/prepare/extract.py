@@ -25,9 +25,10 @@ import stat
 import tarfile
 import time
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Any
 
 from ..files import atomic_write, ensure_free_space
 
@@ -52,7 +53,7 @@ class Member:
     mode: int = 0o644
     mtime: float | None = None
     link: str | None = None   # symlink target as stored, or the hardlink's member name (normalised)
-    source: object = None     # TarInfo or ZipInfo
+    source: Any = None        # TarInfo or ZipInfo
 
 
 def is_archive(path: str | os.PathLike) -> bool:
@@ -118,17 +119,28 @@ def extract_archive(archive: str | os.PathLike, target: str | os.PathLike, *, fo
 # ----------------------------------------------------------------------------------------------- reading
 
 class _Reader:
-    def __enter__(self):
+    """An archive's members, and a way to read each (tar and zip alike)."""
+
+    def __enter__(self) -> _Reader:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def members(self) -> Iterator[Member]:
+        raise NotImplementedError
+
+    def open_member(self, member: Member) -> IO[bytes]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
 
 
 class _TarReader(_Reader):
     def __init__(self, path: Path):
         try:
-            self.tar = tarfile.open(path, "r:*")
+            self.tar = tarfile.open(path, "r:*")  # noqa: SIM115 - the reader owns it until close()
         except (tarfile.TarError, OSError, EOFError) as error:
             raise ExtractionError(f"{path}: cannot be read as a tar archive ({error})") from None
         self.path = path
@@ -154,12 +166,16 @@ class _TarReader(_Reader):
                 kind = "fifo"
             else:
                 kind = f"special (type {info.type!r})"
-            yield Member(name, kind, info.size, info.mode, info.mtime, info.linkname if kind in ("symlink", "hardlink") else None, info)
+            yield Member(name, kind, info.size, info.mode, info.mtime,
+                         info.linkname if kind in ("symlink", "hardlink") else None, info)
 
-    def open_member(self, member: Member):
-        return self.tar.extractfile(member.source)
+    def open_member(self, member: Member) -> IO[bytes]:
+        opened = self.tar.extractfile(member.source)
+        if opened is None:
+            raise ExtractionError(f"{self.path}: {member.name} cannot be read as a file")
+        return opened
 
-    def close(self):
+    def close(self) -> None:
         self.tar.close()
 
 
@@ -189,10 +205,10 @@ class _ZipReader(_Reader):
             mtime = time.mktime(info.date_time + (0, 0, -1)) if info.date_time[0] >= 1980 else None
             yield Member(info.filename, kind, info.file_size, (stat.S_IMODE(unix_mode) or 0o644), mtime, link, info)
 
-    def open_member(self, member: Member):
+    def open_member(self, member: Member) -> IO[bytes]:
         return self.zip.open(member.source)
 
-    def close(self):
+    def close(self) -> None:
         self.zip.close()
 
 
@@ -213,14 +229,14 @@ def _open(path: Path) -> _Reader:
 
 # ---------------------------------------------------------------------------------------------- checking
 
-def _normalise(name: str) -> tuple[str | None, str | None]:
-    """(normalised relative POSIX name, None) or (None, the reason it is unsafe)."""
+def _normalise(name: str) -> tuple[str, str | None]:
+    """(normalised relative POSIX name, None) or ("", the reason it is unsafe)."""
     raw = name.replace("\\", "/")
     if not raw or raw.startswith("/") or (len(raw) > 1 and raw[1] == ":") or "\x00" in raw:
-        return None, "absolute path" if raw.startswith("/") or raw[1:2] == ":" else "empty or invalid name"
+        return "", "absolute path" if raw.startswith("/") or raw[1:2] == ":" else "empty or invalid name"
     parts = [p for p in raw.split("/") if p not in ("", ".")]
     if any(p == ".." for p in parts):
-        return None, "'..' in the path"
+        return "", "'..' in the path"
     if not parts:
         return ".", None
     return "/".join(parts), None
@@ -256,7 +272,8 @@ def _check_members(members: list[Member], archive: Path) -> None:
             if why:
                 problems.append(f"{member.name!r}: hard link to {member.link!r} ({why})")
             elif link_name not in regular:
-                problems.append(f"{member.name!r}: hard link to {member.link!r}, which is not a regular file in the archive")
+                problems.append(f"{member.name!r}: hard link to {member.link!r}, which is not a regular file in the "
+                                "archive")
             else:
                 member.link = link_name
     # Nothing may be written through a link: a member below a link member is refused.
@@ -365,21 +382,22 @@ def _write_members(reader: _Reader, members: list[Member], root: Path, archive: 
                 final = _safe_parent(destination, root, {})
                 if final.is_symlink() or final.exists():
                     _remove(final)
-                source = (root / member.link).resolve()
-                if not _inside(source, root):
-                    raise UnsafeArchiveError(f"{destination}: hard link source {source} is outside {root}")
-                shutil.copyfile(source, final)  # a copy, never a link to anything outside
+                linked = (root / (member.link or "")).resolve()
+                if not _inside(linked, root):
+                    raise UnsafeArchiveError(f"{destination}: hard link source {linked} is outside {root}")
+                shutil.copyfile(linked, final)  # a copy, never a link to anything outside
                 _apply_metadata(final, member)
             elif member.kind == "symlink":
                 final = _safe_parent(destination, root, {})
                 if final.parent != Path(os.path.normpath(destination.parent)):
                     # The link target was checked from where the archive puts the link; a symlinked folder
                     # already on disk would put it elsewhere, where the same target can point out.
-                    raise UnsafeArchiveError(f"{destination}: a symlink on disk redirects its folder to {final.parent}; "
-                                             f"refusing to create a link there. Remove the symlink and run again.")
+                    raise UnsafeArchiveError(f"{destination}: a symlink on disk redirects its folder to "
+                                             f"{final.parent}; refusing to create a link there. Remove the "
+                                             "symlink and run again.")
                 if final.is_symlink() or final.exists():
                     _remove(final)
-                os.symlink(member.link.replace("\\", "/"), final)
+                os.symlink((member.link or "").replace("\\", "/"), final)
         for final, member in reversed(deferred_dirs):
             if member.mtime is not None:
                 os.utime(final, (member.mtime, member.mtime))

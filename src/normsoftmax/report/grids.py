@@ -14,9 +14,11 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import find_checkpoint, load_embedder, run_config_of
 from ..config import ReportConfig, default_dataset_root
-from ..data.images import decoder
+from ..data.images import ImageTransformConfig, decoder
 from ..data.records import DatasetRecords
+from ..model import Embedder
 from ..runtime import loader_workers, resolve_device
 from .figures import (
     CORRECT_COLOUR,
@@ -40,7 +42,7 @@ from .page import image, metric_cell, paragraph, section, table, text
 
 @dataclass
 class LoadedRun:
-    model: torch.nn.Module
+    model: Embedder
     records: DatasetRecords
     device: torch.device
     checkpoint: Path
@@ -50,7 +52,7 @@ def retrieval_sections(config: ReportConfig, run_dir: Path, ks: list[int], notes
     """The retrieval sections, or one saying why there are none (and a note)."""
     loaded = load_run(config, run_dir, notes)
     protocol = _embed(loaded, config, notes) if loaded is not None else None
-    if protocol is None:
+    if loaded is None or protocol is None:
         return [section("retrieval", "Retrieval", [paragraph("No retrieval grids: see \u201cMissing from this "
                                                              "report\u201d at the top.")])]
     result = evaluate_protocol(protocol, ks, loaded.device)
@@ -71,7 +73,6 @@ def retrieval_sections(config: ReportConfig, run_dir: Path, ks: list[int], notes
 def load_run(config: ReportConfig, run_dir: Path, notes: list[str]) -> LoadedRun | None:
     """The newest checkpoint's embedder and the run's dataset, or None with a note saying what is missing."""
     from ..data.registry import load_dataset
-    from ..training.checkpoint import find_checkpoint, load_embedder
 
     try:
         checkpoint = find_checkpoint(run_dir)
@@ -84,7 +85,7 @@ def load_run(config: ReportConfig, run_dir: Path, notes: list[str]) -> LoadedRun
     except (ValueError, RuntimeError, KeyError) as error:  # unreadable, or weights that do not fit the model
         notes.append(f"{checkpoint}: cannot be loaded ({error}), so no retrieval grids")
         return None
-    train = model.train_config
+    train = run_config_of(model)
     root = config.dataset_root or train.dataset_root
     try:
         root = root or default_dataset_root(train.dataset)
@@ -99,10 +100,9 @@ def load_run(config: ReportConfig, run_dir: Path, notes: list[str]) -> LoadedRun
 def _embed(loaded: LoadedRun, config: ReportConfig, notes: list[str]) -> EmbeddedProtocol | None:
     from ..data.cache import find_cache
     from ..embedding.embed import run_amp
-    from ..training.recipe import image_transform
 
-    train = loaded.model.train_config
-    transform = image_transform(train)
+    train = run_config_of(loaded.model)
+    transform = ImageTransformConfig.of(train)
     # The run's evaluations read the image cache when there was one; the same pixels give the same ranks.
     cache = find_cache(loaded.records, transform) if train.use_cache else None
     # The run's precision (as its evaluations used): the grids' recomputed metrics are then the logged ones.
@@ -124,7 +124,7 @@ def _overview(loaded: LoadedRun, protocol: EmbeddedProtocol, result: dict, ks: l
     rows = [(f"R@{k}", metric_cell(result["float"][f"recall@{k}"]), metric_cell(result["binary"][f"recall@{k}"]))
             for k in ks]
     rows.append(("MAP@R", metric_cell(result["float"]["map@r"]), metric_cell(result["binary"]["map@r"])))
-    train = loaded.model.train_config
+    train = run_config_of(loaded.model)
     precision = ("" if train.amp == "none" or loaded.device.type == "cuda" else
                  f" in float32 (the run evaluated in {train.amp} on its own device, so the last digits can differ "
                  "from its log)")

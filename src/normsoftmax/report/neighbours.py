@@ -57,9 +57,11 @@ def embed_protocol(model: torch.nn.Module, records: DatasetRecords, transform, b
         return embed_dataset(model, dataset, batch_size, device, workers, amp, channels_last)
 
     if records.query_gallery:
-        return EmbeddedProtocol(records.query, records.gallery, embed(records.query), embed(records.gallery), False)
-    test = embed(records.test)
-    return EmbeddedProtocol(records.test, records.test, test, test, True)
+        query, gallery = records.split("query"), records.split("gallery")
+        return EmbeddedProtocol(query, gallery, embed(query), embed(gallery), False)
+    test_set = records.split("test")
+    test = embed(test_set)
+    return EmbeddedProtocol(test_set, test_set, test, test, True)
 
 
 def evaluate_protocol(protocol: EmbeddedProtocol, ks: list[int], device: torch.device) -> dict:

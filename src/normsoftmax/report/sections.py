@@ -49,7 +49,7 @@ def recall_section(history: RunHistory) -> str:
     if last is None:
         return section("recall", "Recall@K", [paragraph("No evaluation yet.")])
     floats, binary = last["float"], last.get("binary") or {}
-    rows = []
+    rows: list[tuple] = []  # a cell is a plain value or (html, css class): see page.table
     for k in evaluation_ks(last):
         key = f"recall@{k}"
         gap = binary[key] - floats[key] if binary.get(key) is not None and floats.get(key) is not None else None

@@ -15,11 +15,13 @@ never waits ``wait_ms`` for company that is not coming.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +37,7 @@ class BatchStats:
 class MicroBatcher:
     """Runs ``run_batch(jobs) -> results`` (one result per job, in order) on batches of concurrent jobs."""
 
-    def __init__(self, run_batch: Callable[[Sequence[Any]], Sequence[Any]], max_batch: int = 32,
+    def __init__(self, run_batch: Callable[[list[Any]], Sequence[Any]], max_batch: int = 32,
                  wait_ms: float = 5.0):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
@@ -50,7 +52,7 @@ class MicroBatcher:
         self._executor: ThreadPoolExecutor | None = None
         self._arriving = 0
 
-    def arrival(self) -> "Arrival":
+    def arrival(self) -> Arrival:
         """Announce a job that is on its way: the batch being collected waits for it (up to ``wait_ms``)
         until it is submitted or the announcement is closed."""
         return Arrival(self)
@@ -66,10 +68,8 @@ class MicroBatcher:
         """Stop the loop; jobs still waiting fail with RuntimeError."""
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         while self._queue is not None and not self._queue.empty():
             _, future = self._queue.get_nowait()
             if not future.done():
@@ -78,24 +78,30 @@ class MicroBatcher:
             self._executor.shutdown(wait=True)
         self._task = self._executor = None
 
-    async def submit(self, job, arrival: "Arrival | None" = None) -> Any:
+    async def submit(self, job, arrival: Arrival | None = None) -> Any:
         """``job``'s result, computed in a batch with whatever other jobs arrive together."""
         if arrival is not None:
             arrival.close()
         if self._task is None or self._task.done():
             raise RuntimeError("the batcher is not running (start() it in the app's lifespan)")
         future = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait((job, future))  # with the announcement closed above: no await in between
+        self._started_queue().put_nowait((job, future))  # with the announcement closed above: no await in between
         return await future
+
+    def _started_queue(self) -> asyncio.Queue:
+        if self._queue is None:
+            raise RuntimeError("the batcher is not running (start() it in the app's lifespan)")
+        return self._queue
 
     async def _collect(self) -> list[tuple[Any, asyncio.Future]]:
         """The next batch: the first waiting job, then what is queued or announced and arrives within ``wait``
         seconds, up to max_batch."""
-        batch = [await self._queue.get()]
+        queue = self._started_queue()
+        batch = [await queue.get()]
         deadline = asyncio.get_running_loop().time() + self.wait
         while len(batch) < self.max_batch:
-            if not self._queue.empty():
-                batch.append(self._queue.get_nowait())
+            if not queue.empty():
+                batch.append(queue.get_nowait())
                 continue
             if not self._arriving:
                 break  # nobody else is on the way: waiting would only delay this batch
@@ -103,7 +109,7 @@ class MicroBatcher:
             if remaining <= 0:
                 break
             try:
-                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                batch.append(await asyncio.wait_for(queue.get(), remaining))
             except asyncio.TimeoutError:
                 break
         return [(job, future) for job, future in batch if not future.done()]  # callers that gave up are skipped
@@ -131,7 +137,7 @@ class MicroBatcher:
             self.stats.batches += 1
             self.stats.jobs += len(jobs)
             self.stats.largest = max(self.stats.largest, len(jobs))
-            for (_, future), result in zip(batch, results):
+            for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(result)
 
@@ -150,7 +156,7 @@ class Arrival:
             self._open = False
             self._batcher._arriving -= 1
 
-    def __enter__(self) -> "Arrival":
+    def __enter__(self) -> Arrival:
         return self
 
     def __exit__(self, *exc) -> None:

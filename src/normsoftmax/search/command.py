@@ -85,7 +85,7 @@ def add_to_index(config: IndexAddConfig) -> dict:
 def load_model_for(index: SearchIndex, checkpoint: str | os.PathLike | None, device):
     """The embedder of ``checkpoint`` (default: the one the index records), refused unless it is the model
     that embedded the index."""
-    from ..training.checkpoint import load_embedder
+    from ..checkpoint import load_embedder
 
     if checkpoint is None:
         checkpoint = (index.model or {}).get("checkpoint")

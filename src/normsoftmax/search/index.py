@@ -27,6 +27,7 @@ import time
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -168,7 +169,7 @@ def _read_metadata(directory: Path) -> dict:
     if not isinstance(metadata, dict) or metadata.get("format") != INDEX_FORMAT:
         raise ValueError(f"{file}: not a normsoftmax index description (format {INDEX_FORMAT})")
     missing = [key for key in ("kind", "dim", "count", "generation", "files", "sources") if key not in metadata]
-    roles = ("items",) + KINDS.get(metadata.get("kind"), ())
+    roles = ("items",) + KINDS.get(str(metadata.get("kind")), ())
     if missing or metadata["kind"] not in KINDS or not all(role in metadata["files"] for role in roles):
         raise ValueError(f"{file}: incomplete index description (missing {', '.join(missing) or 'files'}); "
                          f"the index folder is damaged")
@@ -216,7 +217,7 @@ class Items:
     label_names: list[str]
 
     @classmethod
-    def empty(cls) -> "Items":
+    def empty(cls) -> Items:
         return cls(np.zeros(0, np.uint8), np.zeros(1, np.int64), np.zeros(0, np.int64), [])
 
     def __len__(self) -> int:
@@ -226,7 +227,7 @@ class Items:
         start, end = self.offsets[item_id], self.offsets[item_id + 1]
         return self.path_bytes[start:end].tobytes().decode("utf-8", "surrogateescape")
 
-    def extended(self, embeddings: EmbeddingsFile) -> "Items":
+    def extended(self, embeddings: EmbeddingsFile) -> Items:
         """These items followed by ``embeddings``'s; its labels are mapped into this label-name list by name
         (labels without names are named by their number)."""
         names = list(self.label_names)
@@ -255,7 +256,7 @@ class Items:
                      label_names=np.asarray(self.label_names, dtype=str).reshape(-1))
 
     @classmethod
-    def read(cls, file: Path, count: int) -> "Items":
+    def read(cls, file: Path, count: int) -> Items:
         try:
             with np.load(file, allow_pickle=False) as data:
                 items = cls(data["path_bytes"], data["offsets"].astype(np.int64), data["labels"].astype(np.int64),
@@ -354,7 +355,7 @@ class SearchIndex:
 
     # -------------------------------------------------------------------------------------- opening, creating
     @classmethod
-    def open(cls, directory: str | os.PathLike) -> "SearchIndex":
+    def open(cls, directory: str | os.PathLike) -> SearchIndex:
         """Open an index folder; FileNotFoundError / ValueError name what is missing or damaged."""
         directory = Path(directory).expanduser().resolve()
         metadata = _read_metadata(directory)
@@ -365,7 +366,7 @@ class SearchIndex:
 
     @classmethod
     def create(cls, directory: str | os.PathLike, embeddings: EmbeddingsFile, kind: str = "flat", *,
-               ivf: IvfParameters | None = None, seed: int = 0, source: dict | None = None) -> "SearchIndex":
+               ivf: IvfParameters | None = None, seed: int = 0, source: dict | None = None) -> SearchIndex:
         """Build an index of ``kind`` (flat, binary, ivf) from ``embeddings`` in a new or empty folder.
 
         ``ivf`` defaults to :func:`choose_ivf_parameters`; ``source`` (the embeddings file, its SHA-256) is
@@ -384,9 +385,10 @@ class SearchIndex:
             elif kind == "flat":
                 float_index = faiss.IndexFlatIP(embeddings.dim)
             binary_index = faiss.IndexBinaryFlat(8 * math.ceil(embeddings.dim / 8))
-            metadata = {"format": INDEX_FORMAT, "kind": kind, "dim": embeddings.dim, "count": 0, "generation": 0,
-                        "model": embeddings.metadata.get("model"), "ivf": asdict(ivf) if kind == "ivf" else None,
-                        "sources": [], "created": _now()}
+            metadata: dict[str, Any] = {
+                "format": INDEX_FORMAT, "kind": kind, "dim": embeddings.dim, "count": 0, "generation": 0,
+                "model": embeddings.metadata.get("model"),
+                "ivf": asdict(ivf) if kind == "ivf" and ivf is not None else None, "sources": [], "created": _now()}
             index = cls(directory, metadata, float_index, binary_index, Items.empty())
             index._append(embeddings, source)
         return index

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import importlib.resources
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
@@ -24,11 +25,14 @@ import numpy as np
 import torch
 from fastapi import FastAPI, File, HTTPException, Path, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, Response
+from PIL import Image
 from pydantic import BaseModel
 
+from ..checkpoint import run_config_of
 from ..config import ServeConfig
 from ..data.images import ImageTransformConfig, eval_transform
 from ..embedding.embed import run_amp
+from ..model import Embedder
 from ..runtime import autocast, available_cpus
 from .batching import MicroBatcher
 from .index import SCORE_NAMES, SearchIndex
@@ -70,9 +74,11 @@ class BatchSearch:
     def __call__(self, jobs: list[SearchJob]) -> list[list[dict]]:
         """Each job's hits, in order: one forward pass for all uploaded images, then per kind one faiss search
         of the images and one of the indexed items (with the largest k asked, each job trimmed to its own)."""
-        results: list[list[dict] | None] = [None] * len(jobs)
-        image_jobs = [i for i, job in enumerate(jobs) if job.pixels is not None]
-        vectors = dict(zip(image_jobs, self.embed([jobs[i].pixels for i in image_jobs]))) if image_jobs else {}
+        results: list[list[dict]] = [[] for _ in jobs]
+        uploads = [(i, job.pixels) for i, job in enumerate(jobs) if job.pixels is not None]
+        image_jobs = [i for i, _ in uploads]
+        embedded = self.embed([pixels for _, pixels in uploads]) if uploads else np.zeros((0, 0), np.float32)
+        vectors = dict(zip(image_jobs, embedded, strict=True))
         for kind in sorted({job.kind for job in jobs}):
             k = max(job.k for job in jobs if job.kind == kind)
             images = [i for i in image_jobs if jobs[i].kind == kind]
@@ -129,17 +135,15 @@ def _page() -> str:
     return importlib.resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8")
 
 
-def _transform(model) -> callable:
-    config = model.train_config
-    return eval_transform(ImageTransformConfig(resize=config.resize, crop=config.crop,
-                                               keep_aspect=getattr(config, "keep_aspect", False)))
+def _transform(model: Embedder) -> Callable[[Image.Image], torch.Tensor]:
+    return eval_transform(ImageTransformConfig.of(run_config_of(model)))
 
 
 # ------------------------------------------------------------------------------------------ the app
 class SearchService:
     """What the routes share: the model, the index, the batcher, the upload decoders and the settings."""
 
-    def __init__(self, model: torch.nn.Module, index: SearchIndex, config: ServeConfig):
+    def __init__(self, model: Embedder, index: SearchIndex, config: ServeConfig):
         index.check_model(model)
         self.model, self.index, self.config = model, index, config
         self.transform = _transform(model)
@@ -161,10 +165,11 @@ class SearchService:
             raise HTTPException(400, "send either an image (multipart field 'image') or ?id= of an indexed item")
         if kind not in self.index.kinds:
             raise HTTPException(400, f"this index holds only {', '.join(self.index.kinds)} codes")
-        if image is None:
+        if item_id is not None:
             if item_id >= self.index.count:
                 raise HTTPException(404, f"no item {item_id}: the index holds ids 0 to {self.index.count - 1}")
             return SearchJob(k, kind, item_id=item_id), self.index.item(item_id)
+        assert image is not None  # exactly one of the two, checked above
         data = await image.read(self.max_bytes + 1)
         if len(data) > self.max_bytes:
             raise HTTPException(413, f"the image is larger than {self.config.max_upload_mb:g} MB")
@@ -181,7 +186,7 @@ class SearchService:
                              **asdict(self.batcher.stats)}}
 
 
-def create_app(model: torch.nn.Module, index: SearchIndex, config: ServeConfig) -> FastAPI:
+def create_app(model: Embedder, index: SearchIndex, config: ServeConfig) -> FastAPI:
     """The service for ``index``; refuses a ``model`` other than the one that embedded the index."""
     service = SearchService(model, index, config)
 

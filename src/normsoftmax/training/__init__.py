@@ -1,7 +1,7 @@
-"""Training: the recipe (:mod:`.recipe`), its schedule (:mod:`.schedule`), checkpoints (:mod:`.checkpoint`)
-and the run directory's other files (:mod:`.run_directory`)."""
+"""Training: the recipe (:mod:`.recipe`), its schedule (:mod:`.schedule`) and the run directory's files
+besides checkpoints (:mod:`.run_directory`). Checkpoints themselves live one layer down, in
+:mod:`normsoftmax.checkpoint`, because every command that uses a trained model reads them."""
 
-from .checkpoint import load_checkpoint, load_embedder
 from .recipe import train_embedder
 
-__all__ = ["train_embedder", "load_embedder", "load_checkpoint"]
+__all__ = ["train_embedder"]

@@ -29,6 +29,7 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,7 +37,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as torch_dist
+from torch.utils.tensorboard import SummaryWriter
 
+from ..checkpoint import (
+    CheckpointSaver,
+    find_checkpoint,
+    find_resumable,
+    load_checkpoint,
+)
 from ..config import (
     TrainConfig,
     config_from_dict,
@@ -57,6 +65,7 @@ from ..data.records import DatasetError, DatasetRecords
 from ..data.registry import load_dataset
 from ..data.sampler import ClassBalancedBatchSampler, SeededBatches
 from ..evaluation import evaluate_model
+from ..faults import failpoint
 from ..loss import NormSoftmaxLoss
 from ..model import Embedder, create_embedder
 from ..runtime import (
@@ -71,13 +80,6 @@ from ..runtime import (
     seed_everything,
     setup_logging,
 )
-from .checkpoint import (
-    CheckpointSaver,
-    find_checkpoint,
-    find_resumable,
-    load_checkpoint,
-)
-from .faults import failpoint
 from .run_directory import (
     choose_run_dir,
     evaluation_path,
@@ -142,14 +144,14 @@ class TrainingRun:
     criterion: NormSoftmaxLoss
     step_module: TrainStep
     scaler: torch.amp.GradScaler
-    saver: CheckpointSaver | None
-    writer: object = None
+    saver: CheckpointSaver  # used on rank 0 only: the other ranks never write
+    writer: SummaryWriter | None = None
     start_epoch: int = 0
     start_step: int = 0  # steps of start_epoch's epoch a mid-epoch checkpoint already covered
     resume_state: dict | None = None
     phase: str | None = None
     optimizer: torch.optim.Optimizer | None = None
-    wrapped: torch.nn.Module | None = None
+    wrapped: Callable[..., torch.Tensor] | None = None  # the train step as this phase runs it (DDP, compiled)
     stop_signal: str | None = None  # set by the signal handler
     last_checkpoint_time: float = field(default_factory=time.monotonic)
     skipped_images: list[str] = field(default_factory=list)
@@ -180,7 +182,7 @@ def train_embedder(config: TrainConfig) -> dict:
             mean_loss = train_one_epoch(run, epoch)
             end_of_epoch(run, epoch, mean_loss)
             if epoch + 1 < run.config.total_epochs and run.dist.any(run.stop_signal is not None, run.device):
-                from .checkpoint import checkpoint_path
+                from ..checkpoint import checkpoint_path
 
                 raise Preempted(run.stop_signal or "SIGTERM", checkpoint_path(run.run_dir, epoch + 1), run.run_dir)
     if run.writer is not None:
@@ -213,7 +215,7 @@ def build_run(config: TrainConfig) -> TrainingRun | Path:
         verify_images(records.all_paths(), workers=max(1, loader_workers(config.workers)), progress=config.progress)
         logger.info("all %d images decode", len(records.all_paths()))
     dist.barrier()
-    transform = image_transform(config)
+    transform = ImageTransformConfig.of(config)
     cache = find_cache(records, transform) if config.use_cache else None
     logger.info("images from %s", f"the pre-resized cache {cache}" if cache is not None else "decoded image files")
     loader, batches = build_train_loader(config, records, transform, cache, dist, device)
@@ -232,13 +234,11 @@ def build_run(config: TrainConfig) -> TrainingRun | Path:
                 criterion.num_classes, config.weights)
     writer = None
     if dist.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
         writer = SummaryWriter(str(run_dir / "tensorboard"))
     run = TrainingRun(config=config, dist=dist, device=device, run_dir=run_dir, records=records, transform=transform,
                       cache=cache, loader=loader, batches=batches, ks=config.ks or recall_ks(config.dataset),
                       model=model, criterion=criterion, step_module=step_module, scaler=scaler,
-                      saver=CheckpointSaver(run_dir, config.keep_checkpoints) if dist.is_main else None, writer=writer,
+                      saver=CheckpointSaver(run_dir, config.keep_checkpoints), writer=writer,
                       start_epoch=resume_state["epoch"] if resume_state else 0,
                       start_step=resume_state.get("step", 0) if resume_state else 0, resume_state=resume_state,
                       summary={"run_dir": str(run_dir), "epochs": config.total_epochs, "evaluations": {},
@@ -249,7 +249,8 @@ def build_run(config: TrainConfig) -> TrainingRun | Path:
 
 def resumed_config(config: TrainConfig, state: dict) -> TrainConfig:
     defaults = TrainConfig()
-    overrides = {key: getattr(config, key) for key in RESUME_OVERRIDES if getattr(config, key) != getattr(defaults, key)}
+    overrides = {key: getattr(config, key) for key in RESUME_OVERRIDES
+                 if getattr(config, key) != getattr(defaults, key)}
     return config_from_dict(TrainConfig, {**state["config"], **overrides, "resume": config.resume})
 
 
@@ -284,7 +285,8 @@ def _resolve_resume(config: TrainConfig):
         if found is None:  # stopped before its first checkpoint: start it again in the same folder
             return config_from_dict(TrainConfig, {**asdict(config), "run_dir": str(folder)}), None, None
         file, state = found
-        return resumed_config(config_from_dict(TrainConfig, {**asdict(config), "resume": str(folder)}), state), file, state
+        continued = config_from_dict(TrainConfig, {**asdict(config), "resume": str(folder)})
+        return resumed_config(continued, state), file, state
     if config.resume == "auto":
         if same:
             logger.info("%s holds a finished run of these settings; nothing to do", same[-1])
@@ -328,7 +330,7 @@ def _run_directory(config: TrainConfig, dist: Distributed, resume_file: Path | N
             raise ValueError(f"{resume_file}: resume from a checkpoint inside its run directory "
                              f"(RUN_DIR/checkpoints/epoch_NNN.pt) or from the run directory itself")
         run_dir = resume_file.parent.parent  # follows a run directory that was moved
-        if dist.is_main:
+        if dist.is_main and resume_state is not None:
             _set_aside_later_checkpoints(run_dir, resume_state)
     elif config.run_dir and (Path(config.run_dir) / "config.json").exists() and not finished(Path(config.run_dir)) \
             and not differing_fields(config, json.loads((Path(config.run_dir) / "config.json").read_text())):
@@ -343,7 +345,7 @@ def _run_directory(config: TrainConfig, dist: Distributed, resume_file: Path | N
             leftover.unlink()  # a write that a crash interrupted
     setup_logging(run_dir / "train.log" if dist.is_main else None, logging.INFO if dist.is_main else logging.WARNING)
     logger.info("run directory %s", run_dir)
-    if resume_file is not None:
+    if resume_file is not None and resume_state is not None:
         logger.info("continuing the unfinished run in %s from %s (%d epochs%s done)", run_dir, resume_file.name,
                     resume_state["epoch"], f" and {resume_state['step']} steps" if resume_state.get("step") else "")
     return run_dir
@@ -352,10 +354,10 @@ def _run_directory(config: TrainConfig, dist: Distributed, resume_file: Path | N
 def _set_aside_later_checkpoints(run_dir: Path, state: dict) -> None:
     """Resuming from an older checkpoint abandons the later ones: move them aside, so they are never mistaken
     for the continuation's (pruning, a later resume) and nothing is deleted."""
-    from .checkpoint import checkpoint_position, list_checkpoints
+    from ..checkpoint import checkpoint_position, list_checkpoints
 
     position = (state["epoch"], state.get("step", 0))
-    later = [file for file in list_checkpoints(run_dir) if checkpoint_position(file) > position]
+    later = [file for file in list_checkpoints(run_dir) if (checkpoint_position(file) or (0, 0)) > position]
     if not later:
         return
     folder = run_dir / "checkpoints" / f"abandoned-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -368,11 +370,6 @@ def _set_aside_later_checkpoints(run_dir: Path, state: dict) -> None:
                    position[1], len(later), folder)
 
 
-def image_transform(config: TrainConfig) -> ImageTransformConfig:
-    """The geometry a run trains and evaluates with."""
-    return ImageTransformConfig(resize=config.resize, crop=config.crop, keep_aspect=config.keep_aspect, hflip=config.hflip)
-
-
 def build_train_loader(config: TrainConfig, records: DatasetRecords, transform: ImageTransformConfig, cache,
                        dist: Distributed, device: torch.device):
     """The training loader over seeded batches: class-balanced (the recipe), or shuffled."""
@@ -383,6 +380,7 @@ def build_train_loader(config: TrainConfig, records: DatasetRecords, transform: 
     else:
         dataset = ImageDataset(records.train.paths, records.train.labels, train_transform(transform),
                                decode=records.decode, skip_bad=skip)
+    sampler: ClassBalancedBatchSampler | ShuffledBatches
     if config.class_balancing:
         sampler = ClassBalancedBatchSampler(records.train.labels, config.batch_size, config.images_per_class,
                                             seed=config.seed, num_replicas=dist.world_size, rank=dist.rank)
@@ -453,12 +451,13 @@ def enter_phase(run: TrainingRun, epoch: int) -> None:
         run.optimizer.load_state_dict(state["optimizer"])
     if state is not None:
         state["optimizer"] = None  # restored at most once
-    run.wrapped = run.step_module
+    wrapped: Callable[..., torch.Tensor] = run.step_module
     if run.dist.world_size > 1:
-        run.wrapped = torch.nn.parallel.DistributedDataParallel(
+        wrapped = torch.nn.parallel.DistributedDataParallel(
             run.step_module, device_ids=[run.device.index] if run.device.type == "cuda" else None)
     if run.config.compile:
-        run.wrapped = torch.compile(run.wrapped)
+        wrapped = torch.compile(wrapped)
+    run.wrapped = wrapped
     logger.info("%s phase: training %d parameter tensors with %s", phase, len(trainable), run.config.optimizer)
 
 
@@ -470,11 +469,11 @@ class EpochTotals:
     loss_sum: torch.Tensor
     images: int = 0
     window_start: int = 0  # first step whose loss is not yet checked
-    window_loss: torch.Tensor | None = None
+    window_loss: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
     started: float = field(default_factory=time.perf_counter)
 
     @classmethod
-    def fresh(cls, device: torch.device, step: int = 0, loss_sum: float = 0.0, images: int = 0) -> "EpochTotals":
+    def fresh(cls, device: torch.device, step: int = 0, loss_sum: float = 0.0, images: int = 0) -> EpochTotals:
         zero = torch.zeros((), dtype=torch.float64, device=device)
         return cls(loss_sum=zero + loss_sum, images=images, window_start=step, window_loss=zero.clone())
 
@@ -529,18 +528,21 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> float:
 
 def _train_step(run: TrainingRun, epoch: int, step: int, steps: int, images, labels, totals: EpochTotals) -> None:
     config, device = run.config, run.device
+    optimizer, wrapped = run.optimizer, run.wrapped
+    if optimizer is None or wrapped is None:
+        raise RuntimeError("a train step before enter_phase")
     lr = learning_rate(config, epoch, step / steps)
-    for group in run.optimizer.param_groups:
+    for group in optimizer.param_groups:
         group["lr"] = lr
     images = images.to(device, non_blocking=True)
     labels = labels.to(device, non_blocking=True)
     if config.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     with autocast(device, config.amp):
-        loss = run.wrapped(images, labels)
-    run.optimizer.zero_grad(set_to_none=True)
+        loss = wrapped(images, labels)
+    optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
-    run.scaler.step(run.optimizer)
+    run.scaler.step(optimizer)
     run.scaler.update()
     weighted = loss.detach().to(torch.float64) * len(labels)
     totals.loss_sum += weighted
@@ -620,8 +622,10 @@ def _state(run: TrainingRun) -> dict:
     rng = run.dist.gather(rng_state())  # every rank's generators: its own augmentation-free draws
     return {"phase": run.phase, "run_dir": str(run.run_dir), "config": asdict(run.config),
             "model": run.model.state_dict(), "criterion": run.criterion.state_dict(),
-            "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
-            "class_names": list(run.records.train.class_names), "rng": rng if run.dist.world_size > 1 else rng[0]}
+            "optimizer": run.optimizer.state_dict() if run.optimizer is not None else None,
+            "scaler": run.scaler.state_dict(),
+            "class_names": list(run.records.train.class_names),
+            "rng": rng[0] if rng is not None and run.dist.world_size == 1 else rng}
 
 
 def save_mid_epoch(run: TrainingRun, epoch: int, step: int, totals: EpochTotals) -> Path | None:
@@ -655,11 +659,12 @@ def end_of_epoch(run: TrainingRun, epoch: int, mean_loss: float) -> None:
 def evaluate_epoch(run: TrainingRun, epoch_number: int) -> dict | None:
     """Embed the evaluated splits on every rank (each its share, gathered to rank 0), rank 0 ranks and writes."""
     config = run.config
-    result, _ = evaluate_model(run.model, run.records, run.transform, run.ks, config.eval_batch_size or config.batch_size,
+    result, _ = evaluate_model(run.model, run.records, run.transform, run.ks,
+                               config.eval_batch_size or config.batch_size,
                                run.device, run.workers, config.amp, config.channels_last, config.nmi, run.cache,
                                progress=config.progress, dist=run.dist)
     failpoint("evaluation")
-    if not run.dist.is_main:
+    if result is None:  # ranks other than 0 embed their share and hand it over
         return None
     if run.skipped_images:
         result = {**result, "skipped_images": len(run.skipped_images)}

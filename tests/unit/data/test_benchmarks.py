@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
-from fixtures import write_cars196, write_cub200, write_inshop, write_sop
 
+from fixtures import write_cars196, write_cub200, write_inshop, write_sop
 from normsoftmax.data.records import DatasetError
 from normsoftmax.data.registry import compare_with_reference, dataset_spec, load_dataset
 
@@ -46,7 +46,7 @@ def test_inshop_query_and_gallery_share_one_label_space(tmp_path):
     assert records.query_gallery and records.test is None
     assert records.query.class_names == records.gallery.class_names
     assert len(records.query) == 8 and len(records.gallery) == 8
-    for q, g in zip(records.query.labels, records.gallery.labels):
+    for q, g in zip(records.query.labels, records.gallery.labels, strict=True):
         assert records.query.class_names[q] == records.gallery.class_names[g]
     assert records.counts()["train"] == {"images": 12, "classes": 3}
 

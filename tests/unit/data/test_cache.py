@@ -5,14 +5,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from fixtures import class_image
 from PIL import Image
 from torchvision import transforms
 
+from fixtures import class_image
 from normsoftmax.data.cache import (
     ImageCache,
     array_eval_transform,
@@ -37,7 +38,8 @@ ASPECT = ImageTransformConfig(keep_aspect=True)
 def _photo(width: int, height: int, seed: int) -> Image.Image:
     rng = np.random.default_rng(seed)
     coarse = rng.uniform(0, 255, size=(6, 8, 3))
-    smooth = np.asarray(Image.fromarray(coarse.astype(np.uint8)).resize((width, height), Image.BICUBIC), dtype=np.float64)
+    smooth = np.asarray(Image.fromarray(coarse.astype(np.uint8)).resize((width, height), Image.BICUBIC),
+                        dtype=np.float64)
     return Image.fromarray(np.clip(smooth + rng.normal(0, 10, smooth.shape), 0, 255).astype(np.uint8))
 
 
@@ -65,9 +67,8 @@ def dataset(tmp_path):
     exif[0x0112] = 6  # rotate 90 degrees on display
     save(_photo(400, 300, 6), "rotated.jpg", quality=90, exif=exif)
     half = len(paths) // 2
-    records = DatasetRecords("toy", str(tmp_path), ImageSet(paths[:half], np.arange(half) % 2, ["a", "b"]),
-                             test=ImageSet(paths[half:], np.arange(len(paths) - half) % 2, ["c", "d"]))
-    return records
+    return DatasetRecords("toy", str(tmp_path), ImageSet(paths[:half], np.arange(half) % 2, ["a", "b"]),
+                          test=ImageSet(paths[half:], np.arange(len(paths) - half) % 2, ["c", "d"]))
 
 
 def _reference(path: str, config: ImageTransformConfig) -> np.ndarray:
@@ -207,9 +208,9 @@ def test_a_same_size_same_time_replacement_is_caught_by_content(dataset):
     build_cache(dataset, SQUARE, workers=1, progress=False)
     target = dataset.train.paths[0]
     stat = os.stat(target)
-    data = bytearray(open(target, "rb").read())
+    data = bytearray(Path(target).read_bytes())
     data[len(data) // 2] ^= 0xFF  # same size, other content
-    open(target, "wb").write(bytes(data))
+    Path(target).write_bytes(bytes(data))
     os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert os.stat(target).st_size == stat.st_size and os.stat(target).st_mtime_ns == stat.st_mtime_ns
     assert find_cache(dataset, SQUARE) is None
@@ -239,7 +240,8 @@ def test_moved_dataset_keeps_its_cache(dataset, tmp_path):
     moved_root = tmp_path.parent / (tmp_path.name + "_moved")
     os.rename(tmp_path, moved_root)
     relocate = lambda paths: [p.replace(str(tmp_path), str(moved_root), 1) for p in paths]  # noqa: E731
-    records = DatasetRecords("toy", str(moved_root), ImageSet(relocate(dataset.train.paths), dataset.train.labels, ["a", "b"]),
+    records = DatasetRecords("toy", str(moved_root), ImageSet(relocate(dataset.train.paths), dataset.train.labels,
+                                                              ["a", "b"]),
                              test=ImageSet(relocate(dataset.test.paths), dataset.test.labels, ["c", "d"]))
     cache = find_cache(records, SQUARE)
     assert isinstance(cache, ImageCache)

@@ -1,6 +1,6 @@
 import pytest
-from fixtures import class_image, write_folder
 
+from fixtures import class_image, write_folder
 from normsoftmax.data.records import DatasetError
 from normsoftmax.data.registry import load_dataset
 

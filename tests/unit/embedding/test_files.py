@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from retrieval_reference import _random_case, run
 
 from normsoftmax.embedding.files import load_embeddings_npz, save_embeddings_npz
 from normsoftmax.evaluation.metrics import evaluate_embeddings
+from retrieval_reference import _random_case, run
 
 
 def test_npz_round_trip_leave_one_out(tmp_path):

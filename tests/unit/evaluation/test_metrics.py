@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
-from retrieval_reference import _random_case, assert_metrics_equal, brute_force, run
 
 from normsoftmax.evaluation.metrics import evaluate_embeddings, format_recall_lines
+from retrieval_reference import _random_case, assert_metrics_equal, brute_force, run
 
 
 def test_leave_one_out_excludes_the_query_itself():

@@ -41,7 +41,7 @@ def test_interrupted_run_is_resumed_by_the_next_run(server, tmp_path):
     first = download(url, tmp_path / "full.bin", **FAST)  # records the validators the way a real run does
     part = tmp_path / "data.bin.part"
     part.write_bytes(PAYLOAD[:1000])
-    (tmp_path / "data.bin.part.json").write_text('{"url": "%s"}' % url)
+    (tmp_path / "data.bin.part.json").write_text(json.dumps({"url": url}))
     download(url, tmp_path / "data.bin", sha256=DIGEST, **FAST)
     assert server.ranges("data.bin")[-1] == "bytes=1000-"
     assert (tmp_path / "data.bin").read_bytes() == PAYLOAD and first.sha256 == DIGEST

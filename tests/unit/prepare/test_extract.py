@@ -65,7 +65,8 @@ def work(tmp_path):
     return archives, parent, parent / "target"
 
 
-@pytest.mark.parametrize("suffix,mode", [(".tar.gz", "w:gz"), (".tar.bz2", "w:bz2"), (".tar.xz", "w:xz"), (".tar", "w")])
+@pytest.mark.parametrize("suffix,mode", [(".tar.gz", "w:gz"), (".tar.bz2", "w:bz2"), (".tar.xz", "w:xz"), (".tar",
+                                                                                                           "w")])
 def test_tar_formats_extract_with_a_completion_marker(work, suffix, mode):
     archives, parent, target = work
     archive = _tar(archives / f"data{suffix}", [_file(n, d) for n, d in FILES.items()], mode)

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from fixtures import write_sop
 
+from fixtures import write_sop
 from normsoftmax.config import PrepareConfig
 from normsoftmax.data.cache import find_cache
 from normsoftmax.data.images import ImageTransformConfig
@@ -25,7 +25,8 @@ def _sha(path: Path) -> str:
 
 
 def _config(root: Path, dataset: str, **fields) -> PrepareConfig:
-    return PrepareConfig(dataset=dataset, root=str(root), workers=1, backoff=0.001, timeout=10, progress=False, **fields)
+    return PrepareConfig(dataset=dataset, root=str(root), workers=1, backoff=0.001, timeout=10, progress=False,
+                         **fields)
 
 
 def _serve_as_official(replace_dataset_spec, server, name: str, archive: Path) -> str:
@@ -37,7 +38,8 @@ def _serve_as_official(replace_dataset_spec, server, name: str, archive: Path) -
     return url
 
 
-def test_cub_default_download_survives_a_drop_and_an_error_and_verifies(tmp_path, server, archives, monkeypatch, replace_dataset_spec):
+def test_cub_default_download_survives_a_drop_and_an_error_and_verifies(tmp_path, server, archives, monkeypatch,
+                                                                        replace_dataset_spec):
     _serve_as_official(replace_dataset_spec, server, "cub200", archives["cub"])
     server.rules["CUB_200_2011.tgz"] = {"fail": [503], "drop_after": 5000, "drop_times": 1}
     reference = {"train": {"images": 12, "classes": 4}, "test": {"images": 12, "classes": 4}}
@@ -70,7 +72,8 @@ def test_sop_from_a_custom_url_is_recorded_and_only_warned_about(tmp_path, serve
         manifest = prepare_dataset(_config(tmp_path, "sop", urls=[url]))
     assert manifest["ok"] and not manifest["official"]
     assert manifest["checksums"]["Stanford_Online_Products.zip"]["sha256"] == _sha(archives["sop"])
-    assert any("unverified" in w for w in manifest["warnings"]) and any("unverified" in r.message for r in caplog.records)
+    assert any("unverified" in w for w in manifest["warnings"])
+    assert any("unverified" in r.message for r in caplog.records)
     assert any("counts differ" in w for w in manifest["warnings"]) and manifest["reference_differences"]
     assert manifest["dataset_root"] == str(tmp_path / "Stanford_Online_Products")
     records = load_dataset("StanfordOnlineProducts", manifest["dataset_root"])
@@ -133,7 +136,8 @@ def test_checksum_mismatch_extracts_nothing(tmp_path, server, archives):
 def test_sha256_given_by_name_or_position(tmp_path, archives):
     images, annos = archives["cars_images"], archives["cars_annos"]
     by_name = [f"cars_annos.mat={_sha(annos)}", f"car_ims.tgz={_sha(images)}"]
-    manifest = prepare_dataset(_config(tmp_path / "a", "cars196", from_archives=[str(images), str(annos)], sha256=by_name))
+    manifest = prepare_dataset(_config(tmp_path / "a", "cars196", from_archives=[str(images), str(annos)],
+                                       sha256=by_name))
     assert {e["checksum"] for e in manifest["sources"]} == {"given with --sha256"}
     positional = [_sha(images), _sha(annos)]
     prepare_dataset(_config(tmp_path / "b", "cars196", from_archives=[str(images), str(annos)], sha256=positional))
@@ -175,7 +179,8 @@ def test_check_detects_deleted_and_corrupted_images_and_a_rerun_repairs(tmp_path
     report = check_prepared(tmp_path, workers=1, progress=False)
     assert not report["ok"] and report["status"] == "failed"
     assert {path for path, _ in report["bad_files"]} == {str(deleted), str(corrupted)}
-    assert check_prepared(manifest["dataset_root"], "Cub200", workers=1, progress=False)["bad_files"] == report["bad_files"]
+    assert check_prepared(manifest["dataset_root"], "Cub200", workers=1,
+                          progress=False)["bad_files"] == report["bad_files"]
 
     repaired = prepare_dataset(_config(tmp_path, "cub200", from_archives=[str(archives["cub"])]))
     assert repaired["ok"] and deleted.is_file()
@@ -210,7 +215,8 @@ def test_cache_is_built_once_and_found_by_training(tmp_path, archives, monkeypat
     assert find_cache(records, ImageTransformConfig()) is not None
     assert find_cache(records, ImageTransformConfig(keep_aspect=True)) is None
 
-    monkeypatch.setattr("normsoftmax.prepare.cache.build_cache", lambda *a, **k: pytest.fail("rebuilt an up-to-date cache"))
+    monkeypatch.setattr("normsoftmax.prepare.cache.build_cache", lambda *a,
+                        **k: pytest.fail("rebuilt an up-to-date cache"))
     assert prepare_dataset(config)["cache"] == manifest["cache"]
 
 
@@ -237,4 +243,5 @@ def test_next_mirror_is_tried_when_one_fails(tmp_path, server, archives, monkeyp
                          reference_counts={"train": {"images": 18, "classes": 6}, "test": {"images": 18, "classes": 6}})
     manifest = prepare_dataset(_config(tmp_path, "sop"))
     assert manifest["ok"] and manifest["official"] and manifest["sources"][0]["location"] == good
-    assert [name for name, _ in server.requests] == ["gone/Stanford_Online_Products.zip", "Stanford_Online_Products.zip"]
+    assert [name for name, _ in server.requests] == ["gone/Stanford_Online_Products.zip",
+                                                     "Stanford_Online_Products.zip"]

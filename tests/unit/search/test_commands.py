@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from normsoftmax.checkpoint import find_checkpoint, load_checkpoint
 from normsoftmax.config import EmbedConfig
 from normsoftmax.embedding import embed_files, read_embeddings
-from normsoftmax.training.checkpoint import find_checkpoint, load_checkpoint
 
 
 def perturbed_checkpoint(run_dir: Path, out: Path) -> Path:
@@ -68,7 +68,7 @@ def test_search_refuses_a_model_other_than_the_indexs(search_run, tmp_path, cli)
     other = perturbed_checkpoint(run_dir, tmp_path / "other.pt")
     code, out, err = cli("index", "search", tmp_path / "ix", root / "class_00" / "0.jpg", "--checkpoint", other)
     ours = read_embeddings(embeddings).metadata["model"]["digest"]
-    from normsoftmax.training.checkpoint import load_embedder
+    from normsoftmax.checkpoint import load_embedder
 
     theirs = load_embedder(other).digest
     assert code == 2 and out == "" and "Traceback" not in err

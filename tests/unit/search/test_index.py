@@ -30,7 +30,8 @@ def _numpy_hamming(gallery, queries):
 def test_flat_search_is_exact_cosine_top_k(tmp_path, embeddings_file, clustered_vectors):
     vectors, labels = clustered_vectors(400, 24, 20, seed=1)
     queries, _ = clustered_vectors(30, 24, 20, seed=2)
-    info = build_index(IndexBuildConfig(embeddings=str(embeddings_file("e.npz", vectors, labels)), out=str(tmp_path / "ix")))
+    info = build_index(IndexBuildConfig(embeddings=str(embeddings_file("e.npz", vectors, labels)),
+                                        out=str(tmp_path / "ix")))
     index = SearchIndex.open(info["path"])
     found = index.search(queries, k=10)
     similarity, best = _numpy_cosine_top_k(vectors, queries, 10)
@@ -79,7 +80,8 @@ def test_build_records_model_items_labels_and_source(tmp_path, embeddings_file, 
     info = build_index(IndexBuildConfig(embeddings=str(file), out=str(tmp_path / "ix")))
     assert (info["count"], info["kinds"], info["dim"]) == (50, ["float", "binary"], 8) and "nlist" not in info
     metadata = json.loads((tmp_path / "ix" / "index.json").read_text())
-    assert metadata["model"]["digest"] == embeddings_file.digest and metadata["model"]["checkpoint"].endswith("epoch_001.pt")
+    assert metadata["model"]["digest"] == embeddings_file.digest
+    assert metadata["model"]["checkpoint"].endswith("epoch_001.pt")
     assert metadata["sources"][0]["file"] == str(file) and len(metadata["sources"][0]["sha256"]) == 64
     index = SearchIndex.open(tmp_path / "ix")
     assert index.path_of(7) == "/images/e.npz/00007.jpg"
@@ -96,10 +98,12 @@ def test_build_records_model_items_labels_and_source(tmp_path, embeddings_file, 
     assert SearchIndex.open(tmp_path / "ix").count == 50
 
 
-def test_add_continues_ids_maps_labels_by_name_and_replaces_the_generation(tmp_path, embeddings_file, clustered_vectors):
+def test_add_continues_ids_maps_labels_by_name_and_replaces_the_generation(tmp_path, embeddings_file,
+                                                                           clustered_vectors):
     vectors, labels = clustered_vectors(60, 12, 4, seed=6)
     build_index(IndexBuildConfig(embeddings=str(embeddings_file("a.npz", vectors[:40], labels[:40],
-                                                                label_names=["w", "x", "y", "z"])), out=str(tmp_path / "ix")))
+                                                                label_names=["w", "x", "y", "z"])),
+                                                                out=str(tmp_path / "ix")))
     # The second file numbers its classes differently: names, not numbers, say which class an item is.
     renumbered = np.array([3, 2, 1, 0])[labels[40:]]
     more = embeddings_file("b.npz", vectors[40:], renumbered, label_names=["z", "y", "x", "new"])
@@ -149,8 +153,10 @@ def test_build_refuses_bad_inputs_naming_the_file(tmp_path, embeddings_file, clu
         build_index(IndexBuildConfig(embeddings=str(anonymous), out=out))
     vectors, _ = clustered_vectors(500, 16, 5)
     inconsistent = tmp_path / "inconsistent.npz"
-    write_embeddings(inconsistent, vectors, [f"{i}.jpg" for i in range(500)], metadata={"model": {"digest": "x", "dim": 32}})
-    with pytest.raises(ValueError, match="inconsistent.npz: holds 16-dimensional embeddings but says its model makes 32"):
+    write_embeddings(inconsistent, vectors, [f"{i}.jpg" for i in range(500)], metadata={"model": {"digest": "x",
+                                                                                                  "dim": 32}})
+    with pytest.raises(ValueError,
+                       match="inconsistent.npz: holds 16-dimensional embeddings but says its model makes 32"):
         build_index(IndexBuildConfig(embeddings=str(inconsistent), out=out))
     with pytest.raises(ValueError, match=r"at least 9,984 vectors.*there are 500; use --kind flat"):
         build_index(IndexBuildConfig(embeddings=str(embeddings_file("small.npz", vectors)), out=out, kind="ivf"))
@@ -178,7 +184,8 @@ def test_open_refuses_damaged_folders(tmp_path, embeddings_file, clustered_vecto
 
 
 @pytest.mark.parametrize("failing", ["index.json", "binary index"])
-def test_a_crash_during_add_leaves_the_committed_index(tmp_path, embeddings_file, clustered_vectors, monkeypatch, failing):
+def test_a_crash_during_add_leaves_the_committed_index(tmp_path, embeddings_file, clustered_vectors, monkeypatch,
+                                                       failing):
     vectors, _ = clustered_vectors(50, 8, 3)
     build_index(IndexBuildConfig(embeddings=str(embeddings_file("a.npz", vectors[:30])), out=str(tmp_path / "ix")))
     index = SearchIndex.open(tmp_path / "ix")

@@ -51,7 +51,7 @@ def test_ivf_index_finds_most_exact_neighbours_and_keeps_binary_codes(tmp_path, 
 
     def recall(nprobe):
         approximate = ivf.search(queries, k=10, nprobe=nprobe).ids
-        return np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approximate, exact)])
+        return np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approximate, exact, strict=True)])
 
     assert recall(64) > 0.7  # every list: only the 8-byte PQ codes are approximate
     assert recall(1) < recall(64)  # probing fewer lists loses neighbours: nprobe is really applied

@@ -27,16 +27,16 @@ from pathlib import Path
 
 import torch
 
-from ..config import TrainConfig, config_from_dict
-from ..files import (
+from .config import TrainConfig, config_from_dict
+from .faults import failpoint
+from .files import (
     NotEnoughSpaceError,
     atomic_output,
     atomic_write,
     ensure_free_space,
     file_sha256,
 )
-from ..model import Embedder, create_embedder
-from .faults import failpoint
+from .model import Embedder, create_embedder
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +56,18 @@ def checkpoint_position(path: Path) -> tuple[int, int] | None:
     return (int(match.group(1)), int(match.group(2) or 0)) if match else None
 
 
+def _position(path: Path) -> tuple[int, int]:
+    position = checkpoint_position(path)
+    if position is None:
+        raise ValueError(f"{path}: not a checkpoint name (epoch_NNN.pt or epoch_NNN_step_SSSSSS.pt)")
+    return position
+
+
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     """A run's checkpoints, oldest position first."""
     folder = Path(run_dir) / CHECKPOINT_FOLDER
     found = [p for p in folder.glob("epoch_*.pt") if checkpoint_position(p)] if folder.is_dir() else []
-    return sorted(found, key=checkpoint_position)
+    return sorted(found, key=_position)
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
@@ -93,7 +100,8 @@ def load_checkpoint(path: str | os.PathLike, verify: bool = True) -> dict:
         # weights_only: a checkpoint handed to `evaluate` cannot run code; it holds only tensors and plain values.
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise ValueError(f"{file}: cannot be read as a normsoftmax checkpoint ({type(error).__name__}: {error})") from None
+        reason = f"{type(error).__name__}: {error}"
+        raise ValueError(f"{file}: cannot be read as a normsoftmax checkpoint ({reason})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{file}: not a normsoftmax checkpoint")
     return state
@@ -112,11 +120,11 @@ def find_resumable(run_dir: str | os.PathLike) -> tuple[Path, dict] | None:
         except ValueError as error:
             broken.append((file, error))
             continue
-        for bad, error in broken:
-            logger.warning("skipping the unusable checkpoint %s (%s); resuming from %s instead", bad, error, file)
+        for bad, reason in broken:
+            logger.warning("skipping the unusable checkpoint %s (%s); resuming from %s instead", bad, reason, file)
         return file, state
-    for bad, error in broken:
-        logger.warning("the checkpoint %s is unusable (%s)", bad, error)
+    for bad, reason in broken:
+        logger.warning("the checkpoint %s is unusable (%s)", bad, reason)
     return None
 
 
@@ -157,6 +165,18 @@ def load_embedder(path: str | os.PathLike, device: str | torch.device = "cpu") -
     return model.eval()
 
 
+def run_config_of(model: Embedder) -> TrainConfig:
+    """The config of the training run ``model`` comes from (recorded by :func:`load_embedder`)."""
+    if model.train_config is None:
+        raise ValueError("this embedder does not come from a training run: load it with normsoftmax.load_embedder")
+    return model.train_config
+
+
+def digest_of(model: Embedder) -> str:
+    """``model``'s :func:`model_digest`, as recorded when it was loaded (computed now otherwise)."""
+    return model.digest or model_digest(model)
+
+
 class CheckpointSaver:
     """Writes a run's checkpoints durably, keeps the newest ``keep`` epoch checkpoints (0: all) plus the best
     by float Recall@1, and removes mid-epoch checkpoints once a later one exists."""
@@ -181,7 +201,8 @@ class CheckpointSaver:
                                                    f"{needed / 2**20:.0f} MiB") from None
         except RuntimeError as error:  # torch's zip writer reports a failed write (a full disk) this way
             raise NotEnoughSpaceError(28, f"writing {path} failed ({error}); the checkpoint needs about "
-                                          f"{needed / 2**20:.0f} MiB and the previous checkpoints are unchanged") from None
+                                          f"{needed / 2**20:.0f} MiB and the previous checkpoints are "
+                                          "unchanged") from None
         self.prune(path)
         return path
 
@@ -203,16 +224,16 @@ class CheckpointSaver:
                 import shutil
 
                 shutil.copyfile(source, temporary)
-        atomic_write(record, json.dumps({"epoch": epoch, "file": source.name, "recall@1": recall_at_1}, indent=1) + "\n",
-                     durable=True)
+        best = {"epoch": epoch, "file": source.name, "recall@1": recall_at_1}
+        atomic_write(record, json.dumps(best, indent=1) + "\n", durable=True)
         return True
 
     def prune(self, newest: Path) -> None:
         """Drop mid-epoch checkpoints older than ``newest`` and epoch checkpoints beyond the newest ``keep``."""
-        position = checkpoint_position(newest)
+        position = _position(newest)
         epochs = []
         for file in list_checkpoints(self.run_dir):
-            epoch, step = checkpoint_position(file)
+            epoch, step = _position(file)
             if step and (epoch, step) < position:
                 self._remove(file)
             elif not step:
@@ -238,6 +259,7 @@ def _tensors(value):
             yield from _tensors(item)
 
 
-__all__ = ["CheckpointSaver", "load_checkpoint", "find_checkpoint", "find_resumable", "list_checkpoints",
+__all__ = ["run_config_of", "digest_of",
+           "CheckpointSaver", "load_checkpoint", "find_checkpoint", "find_resumable", "list_checkpoints",
            "load_embedder", "embedder_from_checkpoint", "model_digest", "checkpoint_path", "checkpoint_position",
            "CHECKPOINT_FORMAT"]

@@ -1,4 +1,4 @@
-"""The exact ranking engine (normsoftmax.evaluation.retrieval) against an exact reference: every tile path,
+"""The exact ranking engine (normsoftmax.evaluation.ranking) against an exact reference: every tile path,
 block size, tie and instruction set."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from retrieval_reference import _random_case, assert_metrics_equal, brute_force, run
 
 from normsoftmax.evaluation.metrics import evaluate_embeddings
-from normsoftmax.evaluation.retrieval import FloatScorer, LabelGroups, metrics_from_ranks, rank_queries
+from normsoftmax.evaluation.ranking import FloatScorer, LabelGroups, metrics_from_ranks, rank_queries
+from retrieval_reference import _random_case, assert_metrics_equal, brute_force, run
 
 TILES = ["bf16", "tf32", "fp64"]  # every float tile path, forced: each is tested on every CPU
 
@@ -208,7 +208,7 @@ def test_same_metrics_with_the_instruction_set_limited(tmp_path, limits):
     results = json.loads(done.stdout)
     ks = (1, 2, 4, 8, 16)
     want_float, want_binary = brute_force(x, y, ks=ks), brute_force(x, y, ks=ks, binary=True)
-    for tiles, result in results.items():
+    for result in results.values():
         assert_metrics_equal(result["float"], want_float)
         assert_metrics_equal(result["binary"], want_binary)
     assert results["bf16"] == results["fp64"] == results["tf32"]
@@ -218,11 +218,11 @@ def test_same_metrics_with_the_instruction_set_limited(tmp_path, limits):
 @pytest.fixture(params=["thresholds", "dense", "thresholds-chunked", "dense-chunked"])
 def engine(request, monkeypatch):
     """Force each way of ranking: counting against thresholds, or sorting whole rows; in one chunk or many."""
-    import normsoftmax.evaluation.retrieval as retrieval
+    from normsoftmax.evaluation.ranking import chunking
 
-    monkeypatch.setattr(retrieval, "DENSE_CLASS_RATIO", 10**12 if request.param.startswith("dense") else 0)
+    monkeypatch.setattr(chunking, "DENSE_CLASS_RATIO", 10**12 if request.param.startswith("dense") else 0)
     if request.param.endswith("chunked"):
-        monkeypatch.setattr(retrieval, "PAIR_BUDGET", 97)
+        monkeypatch.setattr(chunking, "PAIR_BUDGET", 97)
     return request.param
 
 
@@ -249,23 +249,23 @@ def test_every_engine_agrees_with_brute_force(engine, kind, tiles):
 
 def test_chunks_hold_at_most_the_budget_of_positive_slots(monkeypatch):
     """Memory grows with the positive pairs of a chunk, not with queries x the largest class."""
-    import normsoftmax.evaluation.retrieval as retrieval
+    from normsoftmax.evaluation.ranking import Positives, chunking
 
     rng = np.random.default_rng(3)
     y = np.concatenate([np.zeros(400, dtype=np.int64), rng.integers(1, 100, 600)])  # one class of 400
     x = rng.standard_normal((len(y), 8)).astype(np.float32)
     budget = 4000
-    monkeypatch.setattr(retrieval, "PAIR_BUDGET", budget)
-    monkeypatch.setattr(retrieval, "DENSE_CLASS_RATIO", 0)
+    monkeypatch.setattr(chunking, "PAIR_BUDGET", budget)
+    monkeypatch.setattr(chunking, "DENSE_CLASS_RATIO", 0)
     tables = []
-    original = retrieval.Positives.build.__func__
+    original = Positives.build.__func__
 
     def recording(cls, *args, **kwargs):
         built = original(cls, *args, **kwargs)
         tables.append(built.index.numel())
         return built
 
-    monkeypatch.setattr(retrieval.Positives, "build", classmethod(recording))
+    monkeypatch.setattr(Positives, "build", classmethod(recording))
     ks = (1, 4, 16)
     res = run(x, y, ks=ks, binary=False)
     assert_metrics_equal(res["float"], brute_force(x, y, ks=ks))
