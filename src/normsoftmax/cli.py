@@ -36,6 +36,16 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _float_list(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+    return values
+
+
 def _argument(config_field: dataclasses.Field, hint) -> tuple[list[str], dict]:
     """argparse's names and keywords for one config field."""
     meta = config_field.metadata
@@ -56,6 +66,8 @@ def _argument(config_field: dataclasses.Field, hint) -> tuple[list[str], dict]:
         element = typing.get_args(next(kind for kind in kinds if typing.get_origin(kind) is list))[0]
         if element is int:
             kwargs["type"] = _int_list
+        elif element is float:
+            kwargs["type"] = _float_list
     else:
         kwargs["type"] = next(iter(kinds))
     for key in ("nargs", "const", "action", "metavar"):

@@ -122,7 +122,12 @@ class TrainConfig:
     output: str = option("runs", "runs go to OUTPUT/<dataset>/<dim>/<model>_<batch>")
     # --- additions ---
     recipe: str | None = option(None, "the paper's hyperparameters for a benchmark", choices=_recipe_names)
-    weights: str = option("imagenet", "imagenet, none, or a state-dict file")
+    weights: str = option("imagenet", "imagenet (the backbone's ImageNet weights), none, or a weights file: a "
+                                      "torchvision or timm state dict (a classifier in it is ignored), under any "
+                                      "module./model./backbone./encoder. prefix or a checkpoint's state_dict/model/"
+                                      "ema key, .safetensors, or a normsoftmax checkpoint")
+    weights_partial: bool = option(False, "accept a weights file that leaves some backbone tensors unloaded or holds "
+                                          "some with other shapes (by default the run stops, naming them)")
     device: str = option("auto", "auto, cpu, cuda, cuda:1, ...")
     workers: int = option(-1, "data-loading processes (default -1: one per available core, at most 8)")
     seed: int = option(0)
@@ -133,8 +138,11 @@ class TrainConfig:
     scheduler: str = option("step", "step (lr x gamma every epochs_per_step) or cosine", choices=("step", "cosine"))
     momentum: float = option(0.9)
     weight_decay: float = option(1e-4)
-    resize: int = option(256)
-    crop: int = option(224)
+    resize: int | None = option(None, "resize to this square (default: the crop / 0.875, so 256 for a 224 crop)")
+    crop: int | None = option(None, "crop side (default: the backbone's input size: 224 for ResNets)")
+    mean: list[float] | None = option(None, "input normalisation mean, e.g. 0.5,0.5,0.5 (default: the backbone's own: "
+                                            "ImageNet's for torchvision, the pretrained config's for timm)")
+    std: list[float] | None = option(None, "input normalisation std (default: the backbone's own)")
     hflip: bool = option(True, "random horizontal flips")
     keep_aspect: bool = option(False, "resize the shorter side instead of to a square")
     amp: str = option("auto", "mixed precision: auto (bf16 on GPUs that have it, on CPUs with AMX, and on CPUs with "
@@ -181,7 +189,10 @@ class TrainConfig:
             (self.epochs_per_step > 0 and self.num_steps >= 0 and self.pretrain_epochs >= 0,
              "epoch counts must not be negative"),
             (self.test_every_n_epochs > 0, f"test_every_n_epochs must be positive, got {self.test_every_n_epochs}"),
-            (self.crop <= self.resize, f"crop ({self.crop}) must not exceed resize ({self.resize})"),
+            (self.crop is None or self.resize is None or self.crop <= self.resize,
+             f"crop ({self.crop}) must not exceed resize ({self.resize})"),
+            (all(v is None or (len(v) == 3 and (v is self.mean or min(v) > 0)) for v in (self.mean, self.std)),
+             f"mean and std take three values each, std positive (got {self.mean}, {self.std})"),
             (self.max_steps_per_epoch >= 0,
              f"max_steps_per_epoch must not be negative, got {self.max_steps_per_epoch}"),
             (self.keep_checkpoints >= 0, f"keep_checkpoints must not be negative, got {self.keep_checkpoints}"),

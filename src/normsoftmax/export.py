@@ -94,10 +94,11 @@ def check_out_path(out: Path, format: str, checkpoint: Path | None = None) -> No
 def embedder_metadata(model) -> dict[str, str]:
     """What a user of the exported file needs to feed it and trust it; strings, as ONNX metadata requires."""
     from .checkpoint import model_digest
-    from .data.images import IMAGENET_MEAN, IMAGENET_STD
+    from .data.images import ImageTransformConfig
     from .version import __version__
 
     config = model.train_config
+    transform = ImageTransformConfig.of(config)
     crop = config.crop
     return {
         "normsoftmax_version": __version__,
@@ -109,8 +110,8 @@ def embedder_metadata(model) -> dict[str, str]:
         "input_shape": f"N,3,{crop},{crop}",
         "input_format": "float32 RGB NCHW, pixels in [0, 1] then normalised: (x - mean) / std",
         "input_size": str(crop),
-        "mean": json.dumps(list(IMAGENET_MEAN)),
-        "std": json.dumps(list(IMAGENET_STD)),
+        "mean": json.dumps(list(transform.mean)),
+        "std": json.dumps(list(transform.std)),
         # The run's evaluation geometry: Resize((resize, resize)) (shorter side when keep_aspect), CenterCrop(crop).
         "resize": str(config.resize),
         "keep_aspect": json.dumps(config.keep_aspect),
@@ -123,7 +124,7 @@ def embedder_metadata(model) -> dict[str, str]:
 def sample_images(train_config, count: int) -> tuple[torch.Tensor, str]:
     """``count`` images of the run's dataset in its evaluation transform, or random normalised tensors when the
     dataset cannot be read here; with a description of which it is."""
-    from .data.images import IMAGENET_MEAN, IMAGENET_STD
+    from .data.images import ImageTransformConfig
 
     try:
         return _dataset_images(train_config, count)
@@ -131,7 +132,8 @@ def sample_images(train_config, count: int) -> tuple[torch.Tensor, str]:
         logger.info("the run's dataset is not readable here (%s); checking on random images", _first_line(error))
     crop = train_config.crop
     pixels = torch.rand(count, 3, crop, crop, generator=torch.Generator().manual_seed(0))
-    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    transform = ImageTransformConfig.of(train_config)
+    mean, std = torch.tensor(transform.mean).view(1, 3, 1, 1), torch.tensor(transform.std).view(1, 3, 1, 1)
     return (pixels - mean) / std, f"{count} random normalised images"
 
 

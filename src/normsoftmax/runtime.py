@@ -268,3 +268,15 @@ def setup_logging(log_file: Path | None = None, level: int = logging.INFO) -> No
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         logger.addHandler(handler)
     logger.propagate = False
+
+
+# ----------------------------------------------------------------------------------------------- commands shown
+def shell_command(*args: object) -> str:
+    """A ``normsoftmax`` command line that works pasted into a new shell, whatever is on its PATH: the
+    ``normsoftmax`` script beside this interpreter by absolute path (``python -m normsoftmax`` without one),
+    arguments quoted where needed."""
+    import shlex
+
+    script = Path(sys.executable).parent / "normsoftmax"
+    program = [str(script)] if script.is_file() else [sys.executable, "-m", "normsoftmax"]
+    return " ".join(shlex.quote(str(part)) for part in [*program, *args])

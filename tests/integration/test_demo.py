@@ -1,4 +1,6 @@
 import json
+import os
+from pathlib import Path
 
 from normsoftmax import DemoConfig, run_demo
 
@@ -19,7 +21,10 @@ def test_demo_command_end_to_end_on_a_small_glyph_set(tmp_path, cli):
 
     index = SearchIndex.open(tmp_path / "demo" / "index")
     assert index.count == 24 and set(index.kinds) == {"float", "binary"}
-    assert f"normsoftmax serve {tmp_path / 'demo' / 'run'} {tmp_path / 'demo' / 'index'}" in out
+    serve = next(line.split() for line in out.splitlines() if " serve " in line)
+    # pasted into a new shell, whose PATH knows no normsoftmax: an absolute path to this environment's program
+    assert Path(serve[0]).is_absolute() and os.access(serve[0], os.X_OK) and Path(serve[0]).name == "normsoftmax"
+    assert serve[1:] == ["serve", str(tmp_path / "demo" / "run"), str(tmp_path / "demo" / "index")]
 
 
 def test_demo_rerun_reuses_the_glyphs_and_keeps_the_earlier_run(tmp_path):

@@ -77,7 +77,7 @@ def test_unreadable_checkpoint_and_mismatched_weights_are_clear_errors(tmp_path,
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
     from normsoftmax import create_embedder
 
-    with pytest.raises(ValueError, match="r18.pth: does not fit resnet50"):
+    with pytest.raises(ValueError, match="r18.pth: does not fit the resnet50 backbone"):
         create_embedder("resnet50", dim=8, weights=str(tmp_path / "r18.pth"))
 
 

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "src" / "normsoftmax"
 # Bottom first. A module may import from its own layer's other packages only where the table says so below.
 LAYERS = [
     ["files", "runtime", "faults", "version"],
-    ["data", "loss"],
+    ["data", "loss", "weights"],
     ["config"],
     ["model", "prepare"],
     ["checkpoint"],

@@ -218,7 +218,7 @@ def test_default_out_is_beside_the_checkpoints_folder(tmp_path):
 
 
 def test_random_normalised_images_when_the_dataset_is_not_readable(tmp_path):
-    config = TrainConfig(dataset="folder", dataset_root=str(tmp_path / "gone"), crop=24)
+    config = TrainConfig(dataset="folder", dataset_root=str(tmp_path / "gone"), crop=24, resize=28)
     images, source = sample_images(config, 3)
     assert images.shape == (3, 3, 24, 24) and "random" in source
     assert images.min() < -1 and images.max() > 1  # normalised, not raw [0, 1] pixels

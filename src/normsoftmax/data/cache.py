@@ -223,10 +223,10 @@ class _ArrayTransform:
     so the floats are bit-identical to the PIL pipeline's.
     """
 
-    def __init__(self, crop: int):
+    def __init__(self, crop: int, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
         self.crop = int(crop)
-        self.mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(-1, 1, 1)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
 
     def _to_tensor(self, window: np.ndarray) -> torch.Tensor:
         chw = torch.from_numpy(np.ascontiguousarray(window.transpose(2, 0, 1)))
@@ -238,10 +238,11 @@ class _ArrayTransform:
 
 class ArrayTrainTransform(_ArrayTransform):
     """RandomCrop(crop) uniform over all valid offsets, horizontal flip with p=0.5 (unless hflip is off),
-    /255, ImageNet mean/std."""
+    /255, the backbone's mean/std."""
 
-    def __init__(self, crop: int, hflip: bool = True):
-        super().__init__(crop)
+    def __init__(self, crop: int, hflip: bool = True, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD):
+        super().__init__(crop, mean, std)
         self.hflip = hflip
 
     def __call__(self, pixels: np.ndarray) -> torch.Tensor:
@@ -263,7 +264,7 @@ class ArrayTrainTransform(_ArrayTransform):
 
 class ArrayEvalTransform(_ArrayTransform):
     """CenterCrop(crop) with torchvision's offsets (``int(round((size - crop) / 2))``, zero padding when
-    the image is smaller), /255, ImageNet mean/std."""
+    the image is smaller), /255, the backbone's mean/std."""
 
     def __call__(self, pixels: np.ndarray) -> torch.Tensor:
         height, width = pixels.shape[:2]
@@ -281,12 +282,12 @@ class ArrayEvalTransform(_ArrayTransform):
 
 def array_train_transform(config: ImageTransformConfig = ImageTransformConfig()) -> ArrayTrainTransform:
     """The training transform for cached (pre-resized) pixels: ``train_transform(config)`` minus the Resize."""
-    return ArrayTrainTransform(config.crop, hflip=config.hflip)
+    return ArrayTrainTransform(config.crop, hflip=config.hflip, mean=config.mean, std=config.std)
 
 
 def array_eval_transform(config: ImageTransformConfig = ImageTransformConfig()) -> ArrayEvalTransform:
     """The evaluation transform for cached pixels: ``eval_transform(config)`` minus the Resize."""
-    return ArrayEvalTransform(config.crop)
+    return ArrayEvalTransform(config.crop, mean=config.mean, std=config.std)
 
 
 __all__ = ["ImageCache", "find_cache", "cache_spec", "default_cache_dir",

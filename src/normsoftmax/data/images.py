@@ -93,46 +93,61 @@ def to_rgb(image: Image.Image) -> Image.Image:
 class TransformSettings(Protocol):
     """What a run's config says about its images (a ``TrainConfig`` has these fields)."""
 
-    resize: int
-    crop: int
-    keep_aspect: bool
-    hflip: bool
+    @property
+    def resize(self) -> int | None: ...
+    @property
+    def crop(self) -> int | None: ...
+    @property
+    def keep_aspect(self) -> bool: ...
+    @property
+    def hflip(self) -> bool: ...
+    @property
+    def mean(self) -> Sequence[float] | None: ...
+    @property
+    def std(self) -> Sequence[float] | None: ...
 
 
 @dataclass(frozen=True)
 class ImageTransformConfig:
-    """The recipe's geometry: Resize((resize, resize)) then a crop of ``crop`` pixels."""
+    """The recipe's geometry: Resize((resize, resize)) then a crop of ``crop`` pixels; then the pixels
+    normalised with the backbone's mean and standard deviation (ImageNet's unless the backbone says otherwise)."""
 
     resize: int = 256
     crop: int = 224
     keep_aspect: bool = False  # Resize(resize) on the shorter side instead of a square resize
     hflip: bool = True  # off for data whose identity is not mirror-symmetric (glyphs)
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
 
     @classmethod
     def of(cls, settings: TransformSettings) -> ImageTransformConfig:
-        """The geometry a run trains and evaluates with, from its config."""
-        return cls(resize=settings.resize, crop=settings.crop, keep_aspect=settings.keep_aspect, hflip=settings.hflip)
+        """The geometry and normalisation a run trains and evaluates with, from its resolved config. Runs that
+        predate per-backbone normalisation recorded none: they used ImageNet's."""
+        if settings.resize is None or settings.crop is None:
+            raise ValueError("the config's image size is not resolved yet (resize and crop are None)")
+        return cls(resize=settings.resize, crop=settings.crop, keep_aspect=settings.keep_aspect, hflip=settings.hflip,
+                   mean=tuple(settings.mean) if settings.mean else IMAGENET_MEAN,
+                   std=tuple(settings.std) if settings.std else IMAGENET_STD)
 
     def resize_size(self):
         return self.resize if self.keep_aspect else (self.resize, self.resize)
 
 
 def train_transform(config: ImageTransformConfig = ImageTransformConfig(), resized: bool = False) -> Callable:
-    """Resize -> RandomCrop -> horizontal flip -> tensor -> ImageNet normalisation.
+    """Resize -> RandomCrop -> horizontal flip -> tensor -> normalisation (``config.mean``, ``config.std``).
 
     ``resized=True`` leaves out the Resize, for pixels that come pre-resized from the cache.
     """
     steps = [] if resized else [transforms.Resize(config.resize_size())]
     steps += [transforms.RandomCrop(config.crop)] + ([transforms.RandomHorizontalFlip()] if config.hflip else [])
-    steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    steps += [transforms.ToTensor(), transforms.Normalize(config.mean, config.std)]
     return transforms.Compose(steps)
 
 
 def eval_transform(config: ImageTransformConfig = ImageTransformConfig(), resized: bool = False) -> Callable:
-    """Resize -> CenterCrop -> tensor -> ImageNet normalisation."""
+    """Resize -> CenterCrop -> tensor -> normalisation (``config.mean``, ``config.std``)."""
     steps = [] if resized else [transforms.Resize(config.resize_size())]
-    steps += [transforms.CenterCrop(config.crop), transforms.ToTensor(),
-              transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    steps += [transforms.CenterCrop(config.crop), transforms.ToTensor(), transforms.Normalize(config.mean, config.std)]
     return transforms.Compose(steps)
 
 

@@ -31,7 +31,7 @@ from ..data.images import ImageTransformConfig, load_rgb
 from ..evaluation import evaluate_embeddings, evaluate_model, recall_report
 from ..files import atomic_write
 from ..model import create_embedder
-from ..runtime import loader_workers, resolve_amp, resolve_device
+from ..runtime import loader_workers, resolve_amp, resolve_device, shell_command
 from ..training import train_embedder
 from .common import DEMO_KS, demo_train_config, results_table
 from .glyphs import generate_glyph_dataset
@@ -92,7 +92,7 @@ def run_demo(config: DemoConfig) -> dict:
         print(f"trained {line}")
     print(f"\nresults: {output / 'results.json'}   (run directory {run_dir}, {document['seconds']:.0f} s in all)")
     print(f"\nThe {len(unseen)} unseen glyphs are indexed in {index_dir}. Search them in a browser:\n"
-          f"  normsoftmax serve {run_dir} {index_dir}\n  then open http://127.0.0.1:8000/")
+          f"  {shell_command('serve', run_dir, index_dir)}\n  then open http://127.0.0.1:8000/")
     return document
 
 

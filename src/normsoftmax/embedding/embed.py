@@ -64,13 +64,19 @@ def embed_images(model: torch.nn.Module, paths: Sequence[str], *, batch_size: in
                  decode: str = "robust", progress: bool = False) -> np.ndarray:
     """(N, dim) float32 embeddings of the image files ``paths``.
 
-    The geometry (resize, crop) and precision (``amp="auto"``) are the model's training run's
+    The geometry (resize, crop), normalisation and precision (``amp="auto"``) are the model's training run's
     (``model.train_config``, set by :func:`normsoftmax.load_embedder`) unless given; ``device`` defaults to
     the model's.
     """
     config = getattr(model, "train_config", None)
     if transform is None:
-        transform = ImageTransformConfig.of(config) if config is not None else ImageTransformConfig()
+        if config is not None:
+            transform = ImageTransformConfig.of(config)
+        else:  # a model made by create_embedder: its backbone's input, the paper's geometry
+            expected = getattr(model, "preprocessing", None)
+            transform = ImageTransformConfig() if expected is None else ImageTransformConfig(
+                resize=expected.resize_for(expected.input_size), crop=expected.input_size, mean=expected.mean,
+                std=expected.std)
     where = resolve_device(str(device if device is not None else next(model.parameters()).device))
     dataset = eval_dataset(list(paths), np.zeros(len(paths), dtype=np.int64), transform, decode=decode)
     channels_last = bool(config.channels_last) if config is not None else False

@@ -24,6 +24,7 @@ each rank trains on its slice of the same class-balanced batch; only rank 0 writ
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -67,7 +68,7 @@ from ..data.sampler import ClassBalancedBatchSampler, SeededBatches
 from ..evaluation import evaluate_model
 from ..faults import failpoint
 from ..loss import NormSoftmaxLoss
-from ..model import Embedder, create_embedder
+from ..model import Embedder, backbone_preprocessing, create_embedder
 from ..runtime import (
     Distributed,
     autocast,
@@ -79,6 +80,7 @@ from ..runtime import (
     rng_state,
     seed_everything,
     setup_logging,
+    shell_command,
 )
 from .run_directory import (
     choose_run_dir,
@@ -109,7 +111,7 @@ class Preempted(Exception):
 
     def __init__(self, signal_name: str, checkpoint: Path | None, run_dir: Path):
         self.exit_code = 128 + getattr(signal, signal_name, signal.SIGTERM)
-        self.resume_command = f"normsoftmax train --resume {run_dir}"
+        self.resume_command = shell_command("train", "--resume", run_dir)
         where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint (rank 0 writes them)"
         super().__init__(f"stopped by {signal_name} after writing {where}; continue with: {self.resume_command}")
 
@@ -195,7 +197,7 @@ def train_embedder(config: TrainConfig) -> dict:
 # ---------------------------------------------------------------------------------------------------- 1. the run
 def build_run(config: TrainConfig) -> TrainingRun | Path:
     """Directory and config first, then data, model, loss; restored from the checkpoint when resuming."""
-    config, resume_file, resume_state = _resolve_resume(config)
+    config, resume_file, resume_state = _resolve_resume(resolve_inputs(config))
     if config is None:
         return resume_file  # --resume auto on a finished run: its folder
     config.validate()
@@ -220,7 +222,7 @@ def build_run(config: TrainConfig) -> TrainingRun | Path:
     logger.info("images from %s", f"the pre-resized cache {cache}" if cache is not None else "decoded image files")
     loader, batches = build_train_loader(config, records, transform, cache, dist, device)
 
-    model = create_embedder(config.model_name, config.dim, config.weights)
+    model = create_embedder(config.model_name, config.dim, config.weights, weights_partial=config.weights_partial)
     criterion = NormSoftmaxLoss(records.train.num_classes, config.dim, config.temperature, config.class_sample_fraction)
     step_module = TrainStep(model, criterion).to(device)
     if config.channels_last:
@@ -230,8 +232,9 @@ def build_run(config: TrainConfig) -> TrainingRun | Path:
         model.load_state_dict(resume_state["model"])
         criterion.load_state_dict(resume_state["criterion"])
         scaler.load_state_dict(resume_state["scaler"])
-    logger.info("model %s (width %d) -> dim %d, %d proxies, weights %s", config.model_name, model.width, config.dim,
-                criterion.num_classes, config.weights)
+    logger.info("model %s (width %d) -> dim %d, %d proxies, weights %s; images resized to %d, cropped to %d, "
+                "normalised with mean %s, std %s", config.model_name, model.width, config.dim, criterion.num_classes,
+                config.weights, config.resize, config.crop, config.mean, config.std)
     writer = None
     if dist.is_main:
         writer = SummaryWriter(str(run_dir / "tensorboard"))
@@ -245,6 +248,19 @@ def build_run(config: TrainConfig) -> TrainingRun | Path:
                                "is_main": dist.is_main})
     _evaluate_lost_epoch(run)
     return run
+
+
+def resolve_inputs(config: TrainConfig) -> TrainConfig:
+    """The image size and normalisation the backbone expects, where the config leaves them to it: a crop of its
+    input size, a resize of crop / 0.875, its mean and std. The resolved values are what config.json records and
+    what embed, serve, export and evaluate reuse."""
+    if config.crop is not None and config.resize is not None and config.mean and config.std:
+        return config
+    expected = backbone_preprocessing(config.model_name)
+    crop = config.crop or expected.input_size
+    resize = config.resize or expected.resize_for(crop)
+    return dataclasses.replace(config, crop=crop, resize=resize, mean=list(config.mean or expected.mean),
+                               std=list(config.std or expected.std))
 
 
 def resumed_config(config: TrainConfig, state: dict) -> TrainConfig:
