@@ -25,6 +25,8 @@ _EXPORTS = {
     # embeddings and evaluation
     "embed_images": "embedding", "save_embeddings_npz": "embedding", "load_embeddings_npz": "embedding",
     "evaluate_embeddings": "evaluation", "evaluate_checkpoint": "evaluation",
+    # decisions
+    "calibrate_thresholds": "calibration", "calibrate_checkpoint": "calibration", "find_duplicates": "search",
     # the demo
     "run_demo": "demo",
     # configs

@@ -8,14 +8,19 @@ import dataclasses
 import json
 import sys
 import typing
+from pathlib import Path
 
 from .config import (
+    CalibrateConfig,
     DemoConfig,
+    DuplicatesConfig,
     EmbedConfig,
     EvaluateConfig,
     ExportConfig,
     IndexAddConfig,
     IndexBuildConfig,
+    IndexCompactConfig,
+    IndexRemoveConfig,
     PrepareConfig,
     ReportConfig,
     SearchConfig,
@@ -137,6 +142,27 @@ def _prepare(config: PrepareConfig) -> int:
     return 0 if report.get("ok") else 1
 
 
+def _calibrate(config: CalibrateConfig) -> int:
+    from .calibration import calibrate_checkpoint
+
+    document = calibrate_checkpoint(config)
+    print(f"{document['images']} images of {document['classes']} classes; thresholds chosen on "
+          f"{document['split']['fit']['classes']} classes, measured on the other "
+          f"{document['split']['held_out']['classes']}:")
+    for kind, calibrated in document["kinds"].items():
+        for decision in calibrated["decisions"]:
+            if not decision["reachable"]:
+                print(f"  {kind:6s} {decision['target']:18s} not reachable on the fit half")
+                continue
+            held = decision["held_out"]
+            at = (f"Hamming <= {decision['hamming']}" if "hamming" in decision
+                  else f"cosine >= {decision['threshold']:.4f}")
+            print(f"  {kind:6s} {decision['target']:18s} {at:20s} held out: precision {held['precision']:.4f}, "
+                  f"recall {held['recall']:.4f}, FMR {held['fmr']:.2e}, FNMR {held['fnmr']:.4f}")
+    print(f"calibration: {document['path']}")
+    return 0
+
+
 def _embed(config: EmbedConfig) -> int:
     from .embedding import embed_files
 
@@ -163,6 +189,43 @@ def _index_add(config: IndexAddConfig) -> int:
     return 0
 
 
+def _index_remove(config: IndexRemoveConfig) -> int:
+    from .search import remove_from_index
+
+    info = remove_from_index(config)
+    print(f"index {info['path']}: removed {len(info['removed'])}; {info['count']} items")
+    return 0
+
+
+def _index_compact(config: IndexCompactConfig) -> int:
+    from .search import compact_index
+
+    info = compact_index(config)
+    print(f"index {info['path']}: {info['count']} items in one generation")
+    return 0
+
+
+def _duplicates(config: DuplicatesConfig) -> int:
+    from .search import find_duplicates, open_index, write_duplicates
+
+    if not config.index:
+        raise ValueError("duplicates needs the index")
+    index = open_index(config.index)
+    found = find_duplicates(index, config.threshold, config.kind, config.calibrated, config.nprobe, config.method)
+    out = Path(config.out) if config.out else Path(str(index.location)) / "duplicates.json"
+    if not config.out and str(index.location).startswith("milvus"):
+        out = Path("duplicates.json")
+    written = write_duplicates(found, index, out, config.html_groups)
+    rule = (f"Hamming <= {found.hamming}" if found.kind == "binary" else f"cosine >= {found.threshold:.4f}")
+    if not written["groups"]:
+        print(f"no duplicates among {len(found.ids)} items at {rule} ({found.method}, {found.seconds:.1f} s)")
+    else:
+        print(f"{written['groups']} groups of duplicates ({written['items_in_groups']} items, {written['pairs']} pairs "
+              f"at {rule}) among {len(found.ids)} items ({found.method}, {found.seconds:.1f} s)")
+    print(f"groups: {written['json']}  {written['csv']}  {written['html']}")
+    return 0
+
+
 def _index_search(config: SearchConfig) -> int:
     from .search import search_images
 
@@ -172,9 +235,12 @@ def _index_search(config: SearchConfig) -> int:
         return 0
     for result in results:
         print(result["query"])
+        if "threshold" in result:
+            print(f"  (match: score >= {result['threshold']:.4f}, from {result['threshold_source']})")
         for rank, hit in enumerate(result["neighbours"], start=1):
             distance = f"  Hamming {hit['hamming']:4d}" if hit.get("hamming") is not None else ""
-            print(f"  {rank:3d}  {hit['score']:.4f}{distance}  {hit['path']}")
+            decision = ("  match" if hit["match"] else "  -    ") if "match" in hit else ""
+            print(f"  {rank:3d}  {hit['score']:.4f}{distance}{decision}  {hit['path']}")
     return 0
 
 
@@ -213,12 +279,19 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     "prepare": (PrepareConfig, _prepare,
                 "download, verify, extract and check a benchmark dataset (safe to re-run and to interrupt)",
                 "Prepare a benchmark under --root, or re-verify a prepared copy with --check DIR."),
+    "calibrate": (CalibrateConfig, _calibrate, "match thresholds with known error rates (held out on unseen classes)",
+                  None),
     "embed": (EmbedConfig, _embed, "embed a folder, a CSV or a dataset split into an embeddings file", None),
     "index": {
         "build": (IndexBuildConfig, _index_build, "build a faiss index from an embeddings file", None),
         "add": (IndexAddConfig, _index_add, "append an embeddings file to an index", None),
         "search": (SearchConfig, _index_search, "embed images and print their nearest neighbours in an index", None),
+        "remove": (IndexRemoveConfig, _index_remove, "remove items by id (a service using the index sees it at once)",
+                   None),
+        "compact": (IndexCompactConfig, _index_compact, "fold an index folder's journal into a new generation", None),
     },
+    "duplicates": (DuplicatesConfig, _duplicates,
+                   "group the items of an index that score past a threshold (JSON, CSV, HTML page)", None),
     "serve": (ServeConfig, _serve, "serve an index: a JSON search API and a search page", None),
     "report": (ReportConfig, _report, "write a self-contained HTML report of a training run", None),
     "export": (ExportConfig, _export, "export the embedder to ONNX or TorchScript, checked against PyTorch", None),

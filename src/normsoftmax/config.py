@@ -144,6 +144,9 @@ class TrainConfig:
                                             "ImageNet's for torchvision, the pretrained config's for timm)")
     std: list[float] | None = option(None, "input normalisation std (default: the backbone's own)")
     hflip: bool = option(True, "random horizontal flips")
+    freeze_bn: bool = option(False, "keep the backbone's BatchNorm statistics from its pretraining (eval mode; scale "
+                                    "and shift still train): for batches too small or too repetitive to estimate "
+                                    "them, e.g. few images per class drawn with replacement")
     keep_aspect: bool = option(False, "resize the shorter side instead of to a square")
     amp: str = option("auto", "mixed precision: auto (bf16 on GPUs that have it, on CPUs with AMX, and on CPUs with "
                               "AVX-512 BF16 where a one-second probe finds it 1.5x faster; else float32), none, bf16, "
@@ -270,6 +273,31 @@ class PrepareConfig:
 
 
 @dataclass
+class CalibrateConfig:
+    """``normsoftmax calibrate``: match thresholds with known error rates, from labelled images."""
+
+    source: str | None = option(None, "a run directory or checkpoint (its dataset's evaluated split is embedded), "
+                                      "or an embeddings file with labels (.npz)", positional=True)
+    dataset: str | None = option(None, "embed this dataset's split instead of the run's")
+    dataset_root: str | None = option(None)
+    split: str | None = option(None, "the split to calibrate on (default: test, or gallery for query/gallery data)",
+                               choices=("train", "test", "query", "gallery"))
+    target_precision: list[float] | None = option(None, "precision(s) to reach, e.g. 0.99 (default when no target "
+                                                        "is given: 0.99)", flags=("--target-precision",
+                                                                                  "--target_precision"))
+    target_fmr: list[float] | None = option(None, "false match rate(s) not to exceed, e.g. 0.001",
+                                            flags=("--target-fmr", "--target_fmr"))
+    binary: bool = option(True, "also calibrate the sign bits under Hamming distance")
+    out: str | None = option(None, "where to write (default RUN_DIR/calibration.json, or FILE.calibration.json "
+                                   "beside an embeddings file)")
+    seed: int = option(0, "the class split's seed")
+    batch_size: int = option(64)
+    device: str = option("auto")
+    workers: int = option(-1)
+    progress: bool = option(True)
+
+
+@dataclass
 class EmbedConfig:
     """``normsoftmax embed``: images -> an embeddings file (resumable, sharded under torchrun)."""
 
@@ -293,7 +321,16 @@ class IndexBuildConfig:
     """``normsoftmax index build``: an embeddings file -> a faiss index folder."""
 
     embeddings: str | None = option(None, "an embeddings file written by `normsoftmax embed`", positional=True)
-    out: str | None = option(None, "the index folder to create")
+    out: str | None = option(None, "the index folder to create (or a Milvus location, milvus://HOST:PORT/NAME)")
+    backend: str = option("faiss", "faiss: an index folder (the embedded default); milvus: a Milvus collection "
+                                   "(--uri, --collection)", choices=("faiss", "milvus"))
+    uri: str | None = option(None, "Milvus: a server (http://HOST:19530) or a Milvus Lite file (PATH.db)")
+    collection: str | None = option(None, "Milvus: the collection's name")
+    milvus_index: str | None = option(None, "Milvus: the vector index type (default FLAT, exact; IVF_FLAT with "
+                                            "--kind ivf; HNSW for large collections on a server)",
+                                      choices=("FLAT", "IVF_FLAT", "HNSW"))
+    calibration: str | None = option(None, "match thresholds to carry (a calibration.json of the same model; default: "
+                                           "the model's run's, when it has one)")
     kind: str = option("flat", "flat: exact inner product (+ binary codes); binary: Hamming only; ivf: IVF-PQ "
                                "(+ binary codes), for millions of items", choices=("flat", "binary", "ivf"))
     nlist: int | None = option(None, "IVF lists (default: about 4 sqrt(N), printed)")
@@ -307,16 +344,49 @@ class IndexBuildConfig:
 class IndexAddConfig:
     """``normsoftmax index add``: append an embeddings file (same model) to an index folder."""
 
-    index: str | None = option(None, "the index folder", positional=True)
+    index: str | None = option(None, "the index folder or Milvus location", positional=True)
     embeddings: str | None = option(None, "an embeddings file of the same model", positional=True)
+
+
+@dataclass
+class IndexRemoveConfig:
+    """``normsoftmax index remove``: remove items by id, durably; a service using the index sees it at once."""
+
+    index: str | None = option(None, "the index folder or Milvus location", positional=True)
+    ids: list[int] | None = option(None, "ids to remove", positional=True, nargs="+", type=int)
+
+
+@dataclass
+class IndexCompactConfig:
+    """``normsoftmax index compact``: fold an index folder's journal of changes into a new generation."""
+
+    index: str | None = option(None, "the index folder", positional=True)
+
+
+@dataclass
+class DuplicatesConfig:
+    """``normsoftmax duplicates``: every pair of items past a threshold, grouped; JSON, CSV and an HTML page."""
+
+    index: str | None = option(None, "the index folder (or Milvus location)", positional=True)
+    threshold: float | None = option(None, "cosine (float) or bit agreement 1 - Hamming / dim (binary) that a pair "
+                                           "must reach")
+    calibrated: bool = option(False, "use the index's calibrated threshold", action="store_true")
+    kind: str = option("float", "float (cosine) or binary (Hamming on sign bits)", choices=("float", "binary"))
+    out: str | None = option(None, "the JSON file (default INDEX/duplicates.json; .csv and .html beside it)")
+    nprobe: int | None = option(None, "IVF lists searched per item (default: the index's)")
+    method: str = option("auto", "binary: multi-index hashing, or faiss range search (auto: hashing where it pays)",
+                         choices=("auto", "multi-index", "range-search"))
+    html_groups: int = option(200, "groups shown on the HTML page")
 
 
 @dataclass
 class SearchConfig:
     """``normsoftmax index search``: embed query images, print their nearest neighbours."""
 
-    index: str | None = option(None, "the index folder", positional=True)
+    index: str | None = option(None, "the index folder or Milvus location", positional=True)
     images: str | None = option(None, "an image file or a folder of images", positional=True)
+    threshold: float | None = option(None, "decide match per neighbour at this score (default: the calibration's)")
+    calibration: str | None = option(None, "a calibration.json of the model (default: the index's, else the run's)")
     k: int = option(10, "neighbours per query")
     kind: str = option("float", "float (cosine) or binary (Hamming on sign bits)", choices=("float", "binary"))
     checkpoint: str | None = option(None, "the model to embed with (default: the one recorded in the index)")
@@ -332,7 +402,17 @@ class ServeConfig:
     """``normsoftmax serve``: a search service and page for an index."""
 
     checkpoint: str | None = option(None, "the run directory or checkpoint that embedded the index", positional=True)
-    index: str | None = option(None, "the index folder", positional=True)
+    index: str | None = option(None, "the index folder, or a Milvus location (milvus://HOST:PORT/NAME, "
+                                     "milvus:///PATH/FILE.db/NAME)", positional=True, nargs="?")
+    index_location: str | None = option(None, "the same as the INDEX argument", flags=("--index",))
+    calibration: str | None = option(None, "match thresholds (a calibration.json of the model; default: the index's, "
+                                           "else the run's)")
+    api_key_file: str | None = option(None, "keys, one per line: KEY read|write. Once given, writes need a write key; "
+                                            "reads need a key when the file lists any read key")
+    uploads: str | None = option(None, "where images added through POST /items are kept (default: the index "
+                                       "folder's images/; a Milvus collection needs one to accept writes)")
+    max_writes_per_second: float = option(20.0, "item writes (POST/DELETE /items) accepted per second, all clients "
+                                                "together; more get 429")
     host: str = option("127.0.0.1", "address to bind (127.0.0.1: this machine only)")
     port: int = option(8000)
     max_upload_mb: float = option(10.0, "largest accepted upload")
@@ -395,7 +475,9 @@ def write_config(config, path: str | os.PathLike) -> None:
     atomic_write(Path(path), json.dumps(asdict(config), indent=2, sort_keys=True) + "\n", durable=True)
 
 
-__all__ = ["TrainConfig", "EvaluateConfig", "DemoConfig", "PrepareConfig", "EmbedConfig", "IndexBuildConfig",
+__all__ = ["TrainConfig", "EvaluateConfig", "CalibrateConfig", "IndexRemoveConfig", "IndexCompactConfig",
+           "DuplicatesConfig", "DemoConfig", "PrepareConfig", "EmbedConfig",
+           "IndexBuildConfig",
            "IndexAddConfig", "SearchConfig", "ServeConfig", "ReportConfig", "ExportConfig", "build_config",
            "config_from_dict",
            "write_config", "recipe", "recall_ks", "default_dataset_root", "option", "check_choices", "COMMON_RECIPE"]

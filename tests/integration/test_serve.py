@@ -39,8 +39,8 @@ def png_declaring(width: int, height: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def indexed(search_index):
-    """The shared tiny run (dim 64), its 48 images embedded and in a flat index: ``(run_dir, index_dir, "
-      "embeddings)``."""
+    """The shared tiny run (dim 64), its 48 images embedded and in a flat index:
+    ``(run_dir, index_dir, embeddings)``."""
     return search_index
 
 
@@ -78,7 +78,8 @@ def test_health_page_and_openapi(server, client):
     assert (health["status"], health["items"], health["kinds"], health["dim"]) == ("ok", 48, ["float", "binary"], 64)
     schema = client.get("/openapi.json").json()
     parameters = {p["name"] for p in schema["paths"]["/search"]["post"]["parameters"]}
-    assert parameters == {"id", "k", "kind"} and "/thumbnail/{item_id}" in schema["paths"]
+    assert parameters == {"id", "k", "kind", "threshold"} and "/thumbnail/{item_id}" in schema["paths"]
+    assert {"/items", "/items/{item_id}"} <= set(schema["paths"]) and client.get("/favicon.ico").status_code == 200
     assert client.get("/docs").status_code == 200
     page = client.get("/")
     assert page.headers["content-type"].startswith("text/html") and 'type="file"' in page.text

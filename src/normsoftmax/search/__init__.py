@@ -1,26 +1,34 @@
-"""Putting embeddings to work: faiss indexes in a folder (:mod:`.index`), the ``index`` commands
-(:mod:`.command`), and a search service with a page (:mod:`.service`, :mod:`.batching`, :mod:`.uploads`,
-:mod:`.thumbnails`, ``page.html``) run by :mod:`.server`.
+"""Putting embeddings to work: collections in an index folder (:mod:`.index`: faiss, its items, its journal of
+changes) or on Milvus (:mod:`.milvus`), opened by location (:mod:`.backends`); the ``index`` commands
+(:mod:`.command`); duplicate groups (:mod:`.duplicates`); and a search service with a page (:mod:`.service`,
+:mod:`.batching`, :mod:`.uploads`, :mod:`.keys`, :mod:`.thumbnails`, ``page.html``) run by :mod:`.server`.
 
 The service modules import FastAPI; they load only when used, so ``normsoftmax index ...`` does not pay for them.
 """
 
 from importlib import import_module
 
-from .command import add_to_index, build_index, load_model_for, search_images
-from .index import (
-    IvfParameters,
-    Neighbours,
-    SearchIndex,
-    binary_codes,
-    choose_ivf_parameters,
+from .backends import create_index, open_index
+from .command import (
+    add_to_index,
+    build_index,
+    compact_index,
+    load_model_for,
+    match_thresholds,
+    remove_from_index,
+    search_images,
 )
+from .duplicates import find_duplicates, write_duplicates
+from .index import SearchIndex
+from .milvus import MilvusIndex
+from .vectors import IvfParameters, Neighbours, binary_codes, choose_ivf_parameters
 
 _SERVICE = {"create_app": "service", "serve_index": "server", "BackgroundServer": "server", "MicroBatcher": "batching"}
 
-__all__ = ["SearchIndex", "Neighbours", "IvfParameters", "choose_ivf_parameters", "binary_codes", "build_index",
-           "add_to_index", "search_images", "load_model_for", "create_app", "serve_index", "BackgroundServer",
-           "MicroBatcher"]
+__all__ = ["SearchIndex", "MilvusIndex", "open_index", "create_index", "Neighbours", "IvfParameters",
+           "choose_ivf_parameters", "binary_codes", "build_index", "add_to_index", "remove_from_index", "compact_index",
+           "search_images", "load_model_for", "match_thresholds", "find_duplicates", "write_duplicates", "create_app",
+           "serve_index", "BackgroundServer", "MicroBatcher"]
 
 
 def __getattr__(name):

@@ -31,12 +31,15 @@ def serve_index(config: ServeConfig) -> None:
     import uvicorn
 
     from ..runtime import available_cpus, resolve_device, setup_logging
-    from .command import load_model_for
-    from .index import SearchIndex
+    from .backends import open_index
+    from .command import load_model_for, match_thresholds
+    from .keys import ApiKeys
     from .service import create_app
 
-    if not config.checkpoint or not config.index:
-        raise ValueError("serve needs the run directory (or checkpoint) and the index folder")
+    location = config.index or config.index_location
+    if not config.checkpoint or not location:
+        raise ValueError("serve needs the run directory (or checkpoint) and the index (a folder, or --index "
+                         "milvus://...)")
     if config.max_batch < 1 or config.max_k < 1 or config.k < 1 or config.max_upload_mb <= 0 or config.max_pixels < 1:
         raise ValueError("max_batch, k, max_k, max_upload_mb and max_pixels must be positive")
     setup_logging()
@@ -47,13 +50,18 @@ def serve_index(config: ServeConfig) -> None:
     # and the decoding threads that feed the next batch wait for them, and on a busy machine all of them crawl.
     torch.set_num_threads(threads)
     faiss.omp_set_num_threads(threads)
-    index = SearchIndex.open(config.index)
+    index = open_index(location)
     model = load_model_for(index, config.checkpoint, resolve_device(config.device))
-    app = create_app(model, index, config)
-    if not is_loopback(config.host):
-        logger.warning("serving on %s: anyone who can reach this address can search the index and read its "
-                       "thumbnails; there is no authentication", config.host)
-    logger.info("index %s: %d items (%s); %d threads; page at http://%s:%d/", index.directory, index.count,
+    thresholds = match_thresholds(index, model, config.calibration)
+    keys = ApiKeys.read_file(config.api_key_file) if config.api_key_file else None
+    app = create_app(model, index, config, thresholds, keys, config.uploads)
+    if not is_loopback(config.host) and keys is None:
+        logger.warning("serving on %s without --api_key_file: anyone who can reach this address can search the "
+                       "collection, read its images, and add and remove items", config.host)
+    if thresholds:
+        logger.info("match decisions: %s", ", ".join(f"{kind} at {thresholds[kind]['threshold']:.4f}"
+                                                     for kind in ("float", "binary") if kind in thresholds))
+    logger.info("index %s: %d items (%s); %d threads; page at http://%s:%d/", index.location, index.count,
                 ", ".join(index.kinds), threads, config.host, config.port)
     uvicorn.run(app, host=config.host, port=config.port, log_level="info")
 

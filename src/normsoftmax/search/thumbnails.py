@@ -30,7 +30,7 @@ class Thumbnails:
             if key in self._cache:
                 self._cache.move_to_end(key)
                 return self._cache[key]
-        data = _render(path, size, self.quality)
+        data = render_thumbnail(path, size, self.quality)
         with self._lock:
             self._cache[key] = data
             while len(self._cache) > self.capacity:
@@ -38,7 +38,8 @@ class Thumbnails:
         return data
 
 
-def _render(path: str, size: int, quality: int) -> bytes:
+def render_thumbnail(path: str, size: int, quality: int = 85) -> bytes:
+    """A JPEG of the image at ``path``, longest side ``size``; OSError when it cannot be read."""
     try:
         with Image.open(path) as opened:
             opened.draft("RGB", (size, size))  # JPEGs decode at a reduced scale: fast for large photos
@@ -52,4 +53,4 @@ def _render(path: str, size: int, quality: int) -> bytes:
     return buffer.getvalue()
 
 
-__all__ = ["Thumbnails"]
+__all__ = ["Thumbnails", "render_thumbnail"]

@@ -514,6 +514,8 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> float:
     # that a resume restores (the images' augmentations have seeds of their own anyway).
     run.loader.generator = torch.Generator().manual_seed(epoch_seed(config.seed, epoch, dist.rank))
     run.step_module.train()
+    if config.freeze_bn:
+        freeze_batch_norm(run.model.backbone)
     steps = run.steps_per_epoch
     progress = _progress_bar(run, epoch, steps, start)
     batches = iter(run.loader)
@@ -540,6 +542,15 @@ def train_one_epoch(run: TrainingRun, epoch: int) -> float:
     if progress is not None:
         progress.close()
     return _epoch_summary(run, epoch, totals)
+
+
+def freeze_batch_norm(backbone: torch.nn.Module) -> int:
+    """Put the backbone's BatchNorm layers in eval mode: they normalise with their pretrained statistics and keep
+    them (their scale and shift still train). Returns how many layers."""
+    layers = [module for module in backbone.modules() if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
+    for layer in layers:
+        layer.eval()
+    return len(layers)
 
 
 def _train_step(run: TrainingRun, epoch: int, step: int, steps: int, images, labels, totals: EpochTotals) -> None:
