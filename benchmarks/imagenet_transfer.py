@@ -28,7 +28,8 @@ From a clean clone, in one run:
 Prints a table (R@1, R@2, R@4, R@8, MAP@R float; R@1, MAP@R binary; minutes) and writes JSON.
 
     .venv/bin/python benchmarks/imagenet_transfer.py                      # needs pip, npm and the bench extra
-    .venv/bin/python benchmarks/imagenet_transfer.py --epochs-per-step 6 --variant "sop-flags=lr=0.01,images_per_class=5"
+    .venv/bin/python benchmarks/imagenet_transfer.py --epochs-per-step 6 \
+        --variant "sop-flags=lr=0.01,images_per_class=5"
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -225,7 +225,8 @@ def build_dataset(work: Path, workers: int) -> tuple[Path, dict]:
         writer = csv.writer(handle)
         writer.writerow(["path", "label", "split"])
         writer.writerows(rows)
-    info = {"classes": len(classes), "svgs_not_drawn": len(failed), "svgs_not_drawn_first": failed[:5], "images": len(rows), "train_classes": len(train),
+    info = {"classes": len(classes), "svgs_not_drawn": len(failed), "svgs_not_drawn_first": failed[:5],
+            "images": len(rows), "train_classes": len(train),
             "test_classes": len(classes) - len(train),
             "images_per_set": {name: sum(name in found[key] for key in classes) for name in EMOJI_SETS},
             "packages": {name: {"npm": spec, "license": licence, "sha256": sha256(tarballs[name])}
@@ -367,9 +368,9 @@ def main() -> None:
         seconds = time.perf_counter() - started
         results[label] = summary["last"]
         rows.append(row(label, summary["last"], seconds))
+        curve = {str(epoch): result["float"]["recall@1"] for epoch, result in summary["evaluations"].items()}
         report["runs"].append({"label": label, "overrides": overrides, "run_dir": summary["run_dir"],
-                               "seconds": round(seconds, 1), "evaluations": {str(k): v["float"]["recall@1"]
-                                                                             for k, v in summary["evaluations"].items()}})
+                               "seconds": round(seconds, 1), "recall@1_by_epoch": curve})
         print(table(rows), flush=True)
     report["table"] = rows
     report["results"] = results
