@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,3 +118,45 @@ def test_the_page_shows_the_services_refusal(browser, served, tmp_path):
     WebDriverWait(browser, 30).until(lambda d: d.execute_script("return document.body.dataset.state") == "error")
     assert browser.find_element("id", "status").text.startswith("Search failed — 415: the upload is not an image")
     assert browser.find_elements("css selector", "#results .result") == []
+
+
+def test_the_page_marks_matches_sends_its_key_and_shows_labels_and_metadata(browser, search_index, tmp_path):
+    """A served copy whose reads need a key, with thresholds (a cosine that some neighbours reach and others do
+    not) and one item added with a label and metadata: the page asks for the key, sends it, shows the item's label
+    and metadata, and marks exactly the neighbours at or above the threshold as matches."""
+    import httpx
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from normsoftmax.search.keys import ApiKeys
+
+    run_dir, index_dir, stored = search_index
+    folder = tmp_path / "index"
+    shutil.copytree(index_dir, folder)
+    key = "page-key-" + "x" * 20
+    (tmp_path / "keys.txt").write_text(f"{key} write\n{'r' * 20} read\n")
+    index = SearchIndex.open(folder)
+    neighbours = index.search_items([3], k=12)
+    threshold = float((neighbours.scores[0, 3] + neighbours.scores[0, 4]) / 2)  # four neighbours at or above it
+    thresholds = {"float": {"threshold": threshold, "target": "precision>=0.99"}, "file": "calibration.json"}
+    app = create_app(load_embedder(run_dir, "cpu"), index, ServeConfig(device="cpu"), thresholds=thresholds,
+                     keys=ApiKeys.read_file(tmp_path / "keys.txt"))
+    with BackgroundServer(app) as server:
+        added = httpx.post(f"{server.url}/items", headers={"Authorization": f"Bearer {key}"},
+                           files={"image": ("copy.jpg", Path(stored.paths[3]).read_bytes(), "image/jpeg")},
+                           data={"label": "the copy", "metadata": '{"sku": "X-3"}'}, timeout=60)
+        assert added.status_code == 200, added.text
+        browser.get(server.url + "/")
+        WebDriverWait(browser, 30).until(lambda d: d.find_element("id", "key-box").is_displayed())
+        browser.find_element("id", "key").send_keys(key)
+        browser.execute_script("document.getElementById('key').dispatchEvent(new Event('change'))")
+        browser.find_element("css selector", "input[type=file]").send_keys(stored.paths[3])
+        results = _wait_for_results(browser)  # every thumbnail loaded: fetched with the key
+        decided = [(float(card.get_attribute("data-score")), card.get_attribute("data-match")) for card in results]
+        assert all(match == str(score >= threshold).lower() for score, match in decided)
+        assert sum(match == "true" for _, match in decided) >= 4
+        assert "match" in results[0].find_element("css selector", ".badge").text
+        copy = next(card for card in results if card.get_attribute("data-id") == str(added.json()["id"]))
+        assert copy.find_element("css selector", ".label").text == "the copy"
+        assert copy.find_element("css selector", ".meta").text == "sku: X-3 · filename: copy.jpg"
+        assert "cosine ≥" in browser.find_element("id", "status").text
+        browser.save_screenshot(str(tmp_path / "search_page_matches.png"))

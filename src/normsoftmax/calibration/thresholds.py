@@ -101,13 +101,14 @@ def hamming_rates_at(pairs: HammingPairs, threshold: int) -> dict:
 
 
 def choose_hamming(pairs: HammingPairs, target: Target) -> int | None:
-    """The largest Hamming threshold meeting ``target``, or None."""
+    """The largest Hamming threshold meeting ``target`` among the genuine pairs' distances (as for cosine: a
+    threshold between the farthest genuine pair and the nearest impostor would only add risk), or None."""
     tp, fp = np.cumsum(pairs.genuine), np.cumsum(pairs.impostor)
     if target.metric == "precision":
         ok = (tp > 0) & (tp >= target.value * (tp + fp))
     else:
         ok = fp <= target.value * pairs.impostor.sum()
-    found = np.flatnonzero(ok)
+    found = np.flatnonzero(ok & (pairs.genuine > 0))
     return int(found[-1]) if len(found) else None
 
 

@@ -77,7 +77,8 @@ def embed_images(model: torch.nn.Module, paths: Sequence[str], *, batch_size: in
             transform = ImageTransformConfig() if expected is None else ImageTransformConfig(
                 resize=expected.resize_for(expected.input_size), crop=expected.input_size, mean=expected.mean,
                 std=expected.std)
-    where = resolve_device(str(device if device is not None else next(model.parameters()).device))
+    parameter = next(model.parameters(), None)
+    where = resolve_device(str(device if device is not None else parameter.device if parameter is not None else "cpu"))
     dataset = eval_dataset(list(paths), np.zeros(len(paths), dtype=np.int64), transform, decode=decode)
     channels_last = bool(config.channels_last) if config is not None else False
     return embed_dataset(model, dataset, batch_size, where, workers, run_amp(model, amp, where), channels_last,

@@ -159,6 +159,7 @@ def binary_pairs_range_search(codes: np.ndarray, radius: int) -> tuple[np.ndarra
     for start in range(0, len(codes), QUERY_BLOCK):
         limits, found_distances, found = index.range_search(np.ascontiguousarray(codes[start:start + QUERY_BLOCK]),
                                                             radius + 1)  # faiss keeps distances < radius
+        limits = limits.astype(np.int64)
         queries = np.repeat(np.arange(start, start + len(limits) - 1), np.diff(limits))
         keep = queries < found
         firsts.append(queries[keep])
@@ -180,6 +181,7 @@ def ivf_candidates(index, vectors: np.ndarray, threshold: float, nprobe: int | N
     for start in range(0, len(vectors), QUERY_BLOCK):
         limits, _, found = float_index.range_search(np.ascontiguousarray(vectors[start:start + QUERY_BLOCK]),
                                                     threshold - margin)
+        limits = limits.astype(np.int64)
         queries = np.repeat(np.arange(start, start + len(limits) - 1), np.diff(limits))
         positions = np.searchsorted(ids, found)
         keep = queries < positions

@@ -194,6 +194,8 @@ class SearchIndex:
         self.added: dict[int, ItemRecord] = {}  # from the journal
         self.removed: set[int] = set()  # generation ids removed by the journal
         self.journal_end = 0  # bytes of the journal applied
+        # ids handed out so far (removed ones included: an id is never given twice)
+        self._next_id = int(metadata.get("next_id", metadata["count"]))
         self._stamp: tuple = ()
         self._lock = threading.RLock()
 
@@ -239,8 +241,7 @@ class SearchIndex:
 
     @property
     def next_id(self) -> int:
-        base = int(self.metadata.get("next_id", self.metadata["count"]))
-        return max([base, *(item_id + 1 for item_id in self.added)])
+        return self._next_id
 
     def describe(self) -> dict:
         """path, count, kinds (and nlist, nprobe for IVF): what ``normsoftmax index build/add`` print."""
@@ -367,9 +368,9 @@ class SearchIndex:
             if on_disk["generation"] != self.metadata["generation"]:
                 fresh = SearchIndex.open(self.directory)  # loaded beside, swapped in at once
                 (self.metadata, self.float_index, self.binary_index, self.items, self.vectors, self.added,
-                 self.removed, self.journal_end, self._stamp) = (
+                 self.removed, self.journal_end, self._stamp, self._next_id) = (
                     fresh.metadata, fresh.float_index, fresh.binary_index, fresh.items, fresh.vectors, fresh.added,
-                    fresh.removed, fresh.journal_end, fresh._stamp)
+                    fresh.removed, fresh.journal_end, fresh._stamp, fresh._next_id)
                 return True
             self.metadata = {**on_disk, "files": self.metadata["files"]}  # e.g. a calibration attached since
             self._replay()
@@ -395,6 +396,7 @@ class SearchIndex:
             self.binary_index.add_with_ids(binary_codes(vectors), ids)
             for record in change.records:
                 self.added[record.id] = record
+            self._next_id = max(self._next_id, int(ids.max()) + 1)
             return
         ids = np.array([i for i in change.ids if i in self.added or self.items.row(i) is not None], dtype=np.int64)
         if len(ids):
@@ -506,9 +508,10 @@ class SearchIndex:
                  self.removed, self.journal_end) = (
                     committed.metadata, committed.float_index, committed.binary_index, committed.items,
                     committed.vectors, committed.added, committed.removed, committed.journal_end)
-                self._stamp = committed._stamp
+                self._stamp, self._next_id = committed._stamp, committed._next_id
             raise
         self.metadata, self.items, self.added, self.removed, self.journal_end = metadata, items, {}, set(), 0
+        self._next_id = int(next_id)
         if vectors is not None:
             self.vectors = np.load(self.directory / files["vectors"]["name"], mmap_mode="r")
         self._remove_unreferenced()

@@ -269,9 +269,10 @@ class SearchService:
                                           image.filename)
 
     def _prepare_write(self, data: bytes) -> tuple[torch.Tensor, str]:
+        pixels = self.prepare(data)  # refuses what is not an image (415), broken (400) or too large (413)
         with Image.open(io.BytesIO(data)) as opened:
             suffix = IMAGE_SUFFIXES.get(opened.format or "", ".img")
-        return self.prepare(data), suffix
+        return pixels, suffix
 
     def _commit(self, vector: np.ndarray, data: bytes, suffix: str, label: str | None, metadata: dict | None,
                 filename: str | None) -> dict:
