@@ -315,3 +315,28 @@ def test_a_missing_run_directory_is_a_clear_error(tmp_path, cli):
     code, _, err = cli("report", tmp_path / "nowhere")
     assert code == 2 and f"{tmp_path / 'nowhere'}: no such run directory" in err and "Traceback" not in err
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_calibrated_run_shows_its_thresholds_and_curves(search_run, tmp_path, cli):
+    import shutil
+
+    run_dir, _, _ = search_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    html_before = write_report(ReportConfig(run_dir=str(copy), out=str(tmp_path / "a.html"), queries=0, worst=0,
+                                            device="cpu")).read_text()
+    assert "Not calibrated" in section(html_before, "calibration")
+    code, out, err = cli("calibrate", copy, "--target-precision", "0.9", "--target-fmr", "0.01", "--workers", "0",
+                         "--no-progress", "--device", "cpu")
+    assert code == 0, err
+    calibration = json.loads((copy / "calibration.json").read_text())
+    html = write_report(ReportConfig(run_dir=str(copy), out=str(tmp_path / "b.html"), queries=0, worst=0,
+                                     device="cpu")).read_text()
+    part = section(html, "calibration")
+    rows = [[inner for _, inner in row] for row in table_rows(part, "calibration-table")]
+    decisions = [(kind, d) for kind, c in calibration["kinds"].items() for d in c["decisions"]]
+    assert len(rows) == len(decisions) == 4 and "<img" in part
+    for row, (kind, decision) in zip(rows, decisions, strict=True):
+        assert row[0] == kind and row[1].replace("&gt;", ">").replace("&lt;", "<") == decision["target"]
+        if decision["reachable"]:
+            assert row[3] == f"{100 * decision['held_out']['precision']:.2f}"

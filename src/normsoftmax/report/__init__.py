@@ -23,7 +23,7 @@ from ..files import atomic_write
 from .grids import retrieval_sections
 from .history import evaluation_ks, read_history
 from .page import document, missing_section, paragraph
-from .sections import recall_section, summary_section, training_section
+from .sections import calibration_section, recall_section, summary_section, training_section
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,8 @@ def write_report(config: ReportConfig) -> Path:
     notes.extend(history.notes)
     last = history.last_evaluation
     ks = evaluation_ks(last) if last else _configured_ks(train_config)
-    parts = [summary_section(run_dir, train_config, history), training_section(history), recall_section(history)]
+    parts = [summary_section(run_dir, train_config, history), training_section(history), recall_section(history),
+             calibration_section(_calibration(run_dir, notes), str(run_dir / "calibration.json"))]
     parts += retrieval_sections(config, run_dir, ks, notes)
     for note in notes:
         logger.warning("report: %s", note)
@@ -85,6 +86,18 @@ def _recorded_config(run_dir: Path, notes: list[str]) -> TrainConfig | None:
     except (ValueError, TypeError) as error:  # not JSON, or not a dict of fields
         notes.append(f"{path}: cannot be read as a training config ({error})")
     return None
+
+
+def _calibration(run_dir: Path, notes: list[str]) -> dict | None:
+    """The run's calibration.json, when it has one (a note when it cannot be read)."""
+    path = run_dir / "calibration.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        notes.append(f"{path}: cannot be read ({error})")
+        return None
 
 
 def _configured_ks(train_config: TrainConfig | None) -> list[int]:

@@ -194,3 +194,36 @@ def short_label(text: str) -> str:
 
 __all__ = ["training_curves", "recall_at_k", "retrieval_grid", "Cell", "short_label", "png_bytes", "QUERY_COLOUR",
            "CORRECT_COLOUR", "WRONG_COLOUR"]
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+def calibration_curves(calibration: dict) -> bytes:
+    """Precision against recall, and FNMR against FMR (log scale), float against binary, measured on the held-out
+    half of the classes; the chosen thresholds marked."""
+    figure = Figure(figsize=(11, 4.2))
+    left, right = figure.subplots(1, 2, gridspec_kw={"left": 0.07, "right": 0.98, "bottom": 0.14, "top": 0.9,
+                                                      "wspace": 0.25})
+    for kind, style in (("float", "-"), ("binary", "--")):
+        calibrated = calibration.get("kinds", {}).get(kind)
+        if not calibrated:
+            continue
+        curve = calibrated["curves"]["held_out"]
+        left.plot(curve["recall"], curve["precision"], style, label=f"{kind} (held out)")
+        fmr = np.maximum(np.asarray(curve["fmr"], dtype=float), 1e-9)
+        right.plot(fmr, curve["fnmr"], style, label=f"{kind} (held out)")
+        for decision in calibrated["decisions"]:
+            if decision.get("reachable"):
+                rates = decision["held_out"]
+                left.plot(rates["recall"], rates["precision"], "o", color="black", markersize=4)
+                right.plot(max(rates["fmr"], 1e-9), rates["fnmr"], "o", color="black", markersize=4)
+    left.set_xlabel("recall (true match rate)")
+    left.set_ylabel("precision")
+    left.set_title("Precision-recall over pairs (dots: chosen thresholds)")
+    right.set_xscale("log")
+    right.set_xlabel("false match rate (FMR)")
+    right.set_ylabel("false non-match rate (FNMR)")
+    right.set_title("FMR-FNMR over pairs")
+    for axes in (left, right):
+        axes.grid(alpha=0.3)
+        axes.legend(loc="best")
+    return png_bytes(figure)

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import TrainConfig
-from .figures import recall_at_k, training_curves
+from .figures import calibration_curves, recall_at_k, training_curves
 from .history import RunHistory, evaluation_ks
-from .page import image, metric_cell, paragraph, section, table
+from .page import image, metric_cell, paragraph, section, table, text
 
 
 def summary_section(run_dir: Path, train_config: TrainConfig | None, history: RunHistory) -> str:
@@ -66,3 +66,34 @@ def recall_section(history: RunHistory) -> str:
 
 
 __all__ = ["summary_section", "training_section", "recall_section"]
+
+
+def calibration_section(calibration: dict | None, path: str) -> str:
+    """The run's match thresholds (``normsoftmax calibrate``): per kind and target, the threshold and its rates
+    on the held-out half of the classes, and the curves."""
+    if calibration is None:
+        return section("calibration", "Match thresholds", [paragraph(
+            "Not calibrated: <code>normsoftmax calibrate RUN_DIR</code> chooses match thresholds with known error "
+            "rates.")])
+    rows: list[tuple] = []
+    for kind, calibrated in calibration.get("kinds", {}).items():
+        for decision in calibrated["decisions"]:
+            if not decision.get("reachable"):
+                rows.append((kind, decision["target"], "not reachable", "", "", "", ""))
+                continue
+            held = decision["held_out"]
+            at = (f"Hamming ≤ {decision['hamming']}" if "hamming" in decision
+                  else f"cosine ≥ {decision['threshold']:.4f}")
+            rows.append((kind, decision["target"], at, metric_cell(100 * held["precision"]),
+                         metric_cell(100 * held["recall"]), metric_cell(held["fmr"], 6),
+                         metric_cell(100 * held["fnmr"])))
+    split = calibration.get("split", {})
+    about = (f"{calibration.get('images')} images of {calibration.get('classes')} classes "
+             f"({calibration.get('source', {}).get('split', calibration.get('source', {}).get('kind', ''))}); "
+             f"thresholds chosen on {split.get('fit', {}).get('classes')} classes, rates measured on the other "
+             f"{split.get('held_out', {}).get('classes')}. {calibration.get('rule', '')}. From {path}.")
+    return section("calibration", "Match thresholds", [
+        paragraph(text(about)),
+        table(["kind", "target", "threshold", "precision (%)", "recall (%)", "FMR", "FNMR (%)"], rows,
+              table_id="calibration-table"),
+        image(calibration_curves(calibration), "precision-recall and FMR-FNMR curves, float and binary")])
