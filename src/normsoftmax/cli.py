@@ -283,7 +283,8 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
                   None),
     "embed": (EmbedConfig, _embed, "embed a folder, a CSV or a dataset split into an embeddings file", None),
     "index": {
-        "build": (IndexBuildConfig, _index_build, "build a faiss index from an embeddings file", None),
+        "build": (IndexBuildConfig, _index_build,
+                  "build an index (a faiss folder or a Milvus collection) from an embeddings file", None),
         "add": (IndexAddConfig, _index_add, "append an embeddings file to an index", None),
         "search": (SearchConfig, _index_search, "embed images and print their nearest neighbours in an index", None),
         "remove": (IndexRemoveConfig, _index_remove, "remove items by id (a service using the index sees it at once)",

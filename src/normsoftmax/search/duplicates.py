@@ -100,31 +100,31 @@ def binary_pairs_multi_index(codes: np.ndarray, radius: int) -> tuple[np.ndarray
     chunk_bytes = width // (radius + 1)
     if chunk_bytes < MIN_CHUNK_BYTES or count < 2:
         return None
-    chunk_bytes = min(chunk_bytes, 8)  # a chunk's value is one uint64
-    bounds = list(range(0, width, chunk_bytes))
-    candidates = []
-    for start in bounds:
-        end = width if start == bounds[-1] else start + chunk_bytes
-        keys = _chunk_keys(codes[:, start:end])
-        pairs = _equal_key_pairs(keys)
+    chunks = width // min(chunk_bytes, 8)  # >= radius + 1; wider chunks than 8 bytes buy nothing more
+    bounds = [round(i * width / chunks) for i in range(chunks + 1)]  # widths differ by at most one byte
+    found = []
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):  # one chunk's candidates at a time
+        pairs = _equal_key_pairs(_chunk_keys(codes[:, start:end]))
         if pairs is None:
             return None
-        candidates.append(pairs)
-    merged = np.unique(np.concatenate(candidates)) if candidates else np.zeros(0, np.int64)
+        within = hamming(codes, pairs // count, pairs % count) <= radius
+        found.append(pairs[within])
+    merged = np.unique(np.concatenate(found))  # a pair close enough is found by up to m chunks
     first, second = merged // count, merged % count
-    distance = hamming(codes, first, second)
-    keep = distance <= radius
-    return first[keep], second[keep], distance[keep]
+    return first, second, hamming(codes, first, second)
 
 
 def _chunk_keys(chunk: np.ndarray) -> np.ndarray:
-    """One uint64 per row: the chunk's bytes (up to 8) as a number; longer chunks are hashed (equal rows always
-    give equal keys; distances are checked exactly afterwards)."""
-    if chunk.shape[1] <= 8:
-        padded = np.zeros((len(chunk), 8), np.uint8)
-        padded[:, :chunk.shape[1]] = chunk
-        return padded.view(np.uint64).reshape(-1)
-    raise AssertionError("chunks are at most 8 bytes")
+    """One uint64 per row: the chunk's bytes as a number when they fit in 8, else their 8-byte words mixed
+    together (equal rows always give equal keys; a collision only adds candidates, whose distances are checked)."""
+    words = -(-chunk.shape[1] // 8)
+    padded = np.zeros((len(chunk), words * 8), np.uint8)
+    padded[:, :chunk.shape[1]] = chunk
+    parts = padded.view(np.uint64)
+    keys = parts[:, 0].copy()
+    for word in range(1, words):
+        keys = keys * np.uint64(0x9E3779B97F4A7C15) ^ parts[:, word]
+    return keys
 
 
 def _equal_key_pairs(keys: np.ndarray) -> np.ndarray | None:

@@ -42,9 +42,10 @@ def _brute_binary(codes: np.ndarray, radius: int) -> set[tuple[int, int]]:
     return set(zip(first.tolist(), second.tolist(), strict=True))
 
 
-@pytest.mark.parametrize("radius", [0, 3, 9])
-def test_multi_index_hashing_and_range_search_find_exactly_the_brute_force_pairs(radius):
-    codes = _planted_codes(600, 256, 40, flips=8)
+@pytest.mark.parametrize(("bits", "radius"), [(256, 0), (256, 3), (256, 9), (256, 15), (136, 0), (136, 4)])
+def test_multi_index_hashing_and_range_search_find_exactly_the_brute_force_pairs(bits, radius):
+    # 136 bits = 17 bytes: chunks of 8 and 9 bytes at radius 0 (a 9-byte chunk is hashed), of 3 and 4 at radius 4
+    codes = _planted_codes(600, bits, 40, flips=8)
     expected = _brute_binary(codes, radius)
     hashed = binary_pairs_multi_index(codes, radius)
     assert hashed is not None
