@@ -24,7 +24,12 @@ def test_demo_command_end_to_end_on_a_small_glyph_set(tmp_path, cli):
     serve = next(line.split() for line in out.splitlines() if " serve " in line)
     # pasted into a new shell, whose PATH knows no normsoftmax: an absolute path to this environment's program
     assert Path(serve[0]).is_absolute() and os.access(serve[0], os.X_OK) and Path(serve[0]).name == "normsoftmax"
-    assert serve[1:] == ["serve", str(tmp_path / "demo" / "run"), str(tmp_path / "demo" / "index")]
+    demo = (tmp_path / "demo").resolve()
+    assert serve[1:] == ["serve", str(demo / "run"), str(demo / "index")]
+    # match thresholds from the unseen classes, in the run and carried by the index
+    calibration = json.loads((tmp_path / "demo" / "run" / "calibration.json").read_text())
+    assert calibration["model"]["digest"] == index.digest and calibration["classes"] == 4
+    assert index.calibration["digest"] == index.digest
 
 
 def test_demo_rerun_reuses_the_glyphs_and_keeps_the_earlier_run(tmp_path):

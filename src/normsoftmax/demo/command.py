@@ -92,7 +92,7 @@ def run_demo(config: DemoConfig) -> dict:
         print(f"trained {line}")
     print(f"\nresults: {output / 'results.json'}   (run directory {run_dir}, {document['seconds']:.0f} s in all)")
     print(f"\nThe {len(unseen)} unseen glyphs are indexed in {index_dir}. Search them in a browser:\n"
-          f"  {shell_command('serve', run_dir, index_dir)}\n  then open http://127.0.0.1:8000/")
+          f"  {shell_command('serve', run_dir.resolve(), index_dir.resolve())}\n  then open http://127.0.0.1:8000/")
     return document
 
 
@@ -108,7 +108,8 @@ def set_aside(folder: Path) -> Path:
 
 def build_gallery_index(config: DemoConfig, run_dir: Path, glyph_root: Path, output: Path) -> Path:
     """Embed the unseen classes with the trained model and index them (exact cosine and binary codes)."""
-    from ..config import EmbedConfig, IndexBuildConfig
+    from ..calibration import calibrate_checkpoint
+    from ..config import CalibrateConfig, EmbedConfig, IndexBuildConfig
     from ..embedding import embed_files
     from ..search import build_index
 
@@ -117,6 +118,21 @@ def build_gallery_index(config: DemoConfig, run_dir: Path, glyph_root: Path, out
     embed_files(EmbedConfig(checkpoint=str(run_dir), dataset="folder", dataset_root=str(glyph_root), split="test",
                             out=str(embeddings), device=config.device, workers=config.workers,
                             progress=config.progress))
+    # Match thresholds from the same unseen classes (fitted on half of them, measured on the other half), written
+    # into the run, so the index carries them and the page marks matches from the start.
+    try:
+        calibration = calibrate_checkpoint(CalibrateConfig(source=str(embeddings),
+                                                           out=str(run_dir / "calibration.json"), progress=False))
+    except ValueError as error:  # too few unseen classes to split in two
+        logger.warning("no match thresholds: %s", error)
+        calibration = {"kinds": {}}
+    for kind, calibrated in calibration["kinds"].items():
+        decision = calibrated["decisions"][0]
+        if decision["reachable"]:
+            held_out = decision["held_out"]
+            print(f"match threshold ({kind}, precision {decision['value']} on half of the unseen classes): "
+                  f"{decision['threshold']:.4f}; on the other half precision {held_out['precision']:.4f}, "
+                  f"recall {held_out['recall']:.4f}")
     index_dir = set_aside(output / "index")
-    build_index(IndexBuildConfig(embeddings=str(embeddings), out=str(index_dir), kind="flat"))
+    build_index(IndexBuildConfig(embeddings=str(embeddings), out=str(index_dir), kind="flat"))  # the run's thresholds
     return index_dir
