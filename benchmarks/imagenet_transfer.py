@@ -23,13 +23,16 @@ From a clean clone, in one run:
    weight decay 1e-4, one warm-up epoch of the new parameters at lr x lr_mult, then all parameters with the lr
    divided by 10 every ``epochs_per_step`` epochs; class-balanced batches) with CUB's flags (lr 0.001, lr_mult 1,
    batch 75, 25 images per class) and the epoch counts scaled to this machine; and the same recipe from random
-   initialisation. ``--variant NAME=FLAGS`` adds runs with other settings (the README's investigation).
+   initialisation.
+5. **The investigation** (the README says why): by default also CUB's flags at lr 0.01, the reference's SOP flags
+   (lr 0.01, 5 images per class) from ImageNet weights, and the same from random initialisation. ``--variant
+   NAME=FLAGS`` (repeatable) replaces them with runs of other settings, e.g. ``freeze_bn=true``.
 
 Prints a table (R@1, R@2, R@4, R@8, MAP@R float; R@1, MAP@R binary; minutes) and writes JSON.
 
-    .venv/bin/python benchmarks/imagenet_transfer.py                      # needs pip, npm and the bench extra
-    .venv/bin/python benchmarks/imagenet_transfer.py --epochs-per-step 6 \
-        --variant "sop-flags=lr=0.01,images_per_class=5"
+    .venv/bin/python benchmarks/imagenet_transfer.py --epochs-per-step 4  # the README's table; needs pip, npm, [bench]
+    .venv/bin/python benchmarks/imagenet_transfer.py --epochs-per-step 4 --skip-scratch \
+        --variant "sop-flags+freeze_bn=lr=0.01,images_per_class=5,freeze_bn=true"
 """
 
 from __future__ import annotations

@@ -8,6 +8,11 @@ CPU went (model, server process, this client), the batched/unbatched ratio per l
 as JSON. Both servers run side by side and the levels alternate between them, the whole sequence repeated
 (``--rounds``), medians reported: on a shared machine what else runs then weighs on both alike.
 
+``--mixed`` measures a collection that changes while it is served instead: 90% searches and 10% writes
+(``POST /items``) at concurrency 32, on both backends (a copy of the index folder, and a Milvus Lite collection of the
+same vectors); then the same load again, the server killed with SIGKILL in the middle, started again, and every
+write it had acknowledged looked up (found must equal acknowledged).
+
 Without arguments it makes what it needs (reused across runs, under the system's temp folder): the demo's
 glyph images (64 px), a ResNet18 embedder (dim 512, the demo's recipe) trained for one epoch, the images
 embedded and indexed (flat). ``--checkpoint RUN_DIR --index INDEX_DIR`` load-tests a given model and index
@@ -115,12 +120,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(run_dir: Path, index_dir: Path, max_batch: int | None, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(run_dir: Path, index_dir: Path | str, max_batch: int | None, log: Path,
+                 extra: list[str] | None = None, port: int | None = None) -> tuple[subprocess.Popen, str]:
     import httpx
 
-    port = free_port()
+    port = port or free_port()
     command = [sys.executable, "-m", "normsoftmax", "serve", str(run_dir), str(index_dir), "--port", str(port),
-               "--device", "cpu"] + ([] if max_batch is None else ["--max_batch", str(max_batch)])
+               "--device", "cpu"] + ([] if max_batch is None else ["--max_batch", str(max_batch)]) + (extra or [])
     with open(log, "w") as output:  # the child keeps its own copy of the descriptor
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -259,6 +265,161 @@ def table(unbatched: list[dict], batched: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------ a changing collection
+WRITE_KEY = "benchmark-write-key-" + "0" * 16
+
+
+def backends_of(index_dir: Path, work: Path) -> dict[str, str]:
+    """Two fresh copies of the collection: an index folder, and a Milvus Lite collection of the same vectors."""
+    import shutil
+
+    from normsoftmax.embedding.files import EmbeddingsFile
+    from normsoftmax.search import SearchIndex, create_index
+    from normsoftmax.search.backends import milvus_location
+
+    source = SearchIndex.open(index_dir)
+    folder = work / "mixed_folder"
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(index_dir, folder, ignore=shutil.ignore_patterns("images", "journal.*"))
+    database = work / "mixed_milvus.db"
+    for leftover in work.glob("mixed_milvus.db*"):
+        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+    ids = source.ids()
+    records = [source.record(int(i)) for i in ids]
+    labels = [r.label for r in records]
+    names = sorted({label for label in labels if label is not None})
+    embeddings = EmbeddingsFile(source.vectors_of(ids), [r.path for r in records],
+                                np.array([names.index(label) for label in labels]) if names else None,
+                                {"model": source.model, "label_names": names})
+    location = milvus_location(str(database), "mixed")
+    create_index(location, embeddings)
+    return {"faiss folder": str(folder), "Milvus Lite": location}
+
+
+async def mixed_load(url: str, uploads, concurrency: int, total: int, k: int, write_share: float,
+                     acknowledged: dict, deadline: float | None = None) -> dict:
+    """``total`` requests from ``concurrency`` clients, ``write_share`` of them ``POST /items`` (new images with a
+    unique label), the rest searches; latency per kind. Acknowledged writes are recorded (id -> label)."""
+    import httpx
+
+    timings: dict[str, list[float]] = {"search": [], "write": []}
+    failures = {"search": 0, "write": 0}
+    order = itertools.count()
+    rng = np.random.default_rng(len(acknowledged))
+    headers_write = {"Authorization": f"Bearer {WRITE_KEY}"}
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+
+        async def client():
+            while (number := next(order)) < total:
+                if deadline is not None and time.monotonic() > deadline:
+                    return
+                item_id, body, headers = uploads[number % len(uploads)]
+                kind = "write" if rng.random() < write_share else "search"
+                started = time.perf_counter()
+                try:
+                    if kind == "write":
+                        label = f"load-{number}-{time.monotonic_ns()}"
+                        answer = await http.post("/items", headers=headers_write, data={"label": label},
+                                                 files={"image": ("new.png", _image_bytes(number), "image/png")})
+                        if answer.status_code == 200:
+                            acknowledged[answer.json()["id"]] = label
+                    else:
+                        answer = await http.post("/search", params={"k": k}, content=body, headers=headers)
+                    ok = answer.status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                timings[kind].append(time.perf_counter() - started)
+                failures[kind] += not ok
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    done = len(timings["search"]) + len(timings["write"])
+    result = {"concurrency": concurrency, "requests": done, "seconds": round(elapsed, 2),
+              "requests_per_s": round(done / elapsed, 1)}
+    for kind, values in timings.items():
+        milliseconds = np.array(values) * 1000 if values else np.zeros(1)
+        result[kind] = {"count": len(values), "failed": failures[kind],
+                        "p50_ms": round(float(np.percentile(milliseconds, 50)), 1),
+                        "p95_ms": round(float(np.percentile(milliseconds, 95)), 1)}
+    return result
+
+
+def _image_bytes(seed: int) -> bytes:
+    import io
+
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+async def _killed_load(process, url: str, uploads, total: int, k: int, acknowledged: dict, kill_after: float) -> None:
+    """The mixed load, and SIGKILL to the server ``kill_after`` seconds into it."""
+    import signal
+
+    load = asyncio.create_task(mixed_load(url, uploads, 32, 10 * total, k, 0.1, acknowledged,
+                                          deadline=time.monotonic() + kill_after + 3))
+    await asyncio.sleep(kill_after)
+    process.send_signal(signal.SIGKILL)
+    await load
+
+
+def run_mixed(run_dir: Path, index_dir: Path, uploads, total: int, k: int, work: Path, kill_after: float) -> dict:
+    """Per backend: the mixed load at concurrency 32, then the same load killed with SIGKILL after ``kill_after``
+    seconds, the server started again and every acknowledged write looked up."""
+    import httpx
+
+    keys = work / "mixed_keys.txt"
+    keys.write_text(f"{WRITE_KEY} write\n")
+    results = {}
+    for name, location in backends_of(index_dir, work).items():
+        uploads_dir = work / f"mixed_uploads_{name.split()[0]}"
+        extra = ["--api_key_file", str(keys), "--max_writes_per_second", "100000", "--uploads", str(uploads_dir)]
+        process, url = start_server(run_dir, location, None, work / f"server_mixed_{name.split()[0]}.log", extra)
+        acknowledged: dict[int, str] = {}
+        try:
+            asyncio.run(mixed_load(url, uploads, 8, 64, k, 0.1, {}))  # warm-up
+            measured = asyncio.run(mixed_load(url, uploads, 32, total, k, 0.1, acknowledged))
+            print(f"  {name}: {measured}", flush=True)
+            # the kill: a second load, SIGKILL in the middle of it
+            killed: dict[int, str] = {}
+            port = int(url.rsplit(":", 1)[1])
+
+            asyncio.run(_killed_load(process, url, uploads, total, k, killed, kill_after))
+            process.wait(timeout=30)
+        finally:
+            if process.poll() is None:
+                stop_server(process)
+        restarted, url = start_server(run_dir, location, None, work / f"server_mixed_{name.split()[0]}_2.log", extra,
+                                      port=port)
+        try:
+            with httpx.Client(base_url=url, timeout=60) as http:
+                found = sum(http.get(f"/items/{item_id}").json().get("label") == label
+                            for item_id, label in {**acknowledged, **killed}.items())
+        finally:
+            stop_server(restarted)
+        results[name] = {**measured, "writes_acknowledged_before_the_kill": len(acknowledged) + len(killed),
+                         "found_after_restart": found}
+        print(f"  {name}: acknowledged {len(acknowledged) + len(killed)}, found after SIGKILL and restart {found}",
+              flush=True)
+    return results
+
+
+def mixed_table(results: dict) -> str:
+    lines = [("| backend | req/s | searches: p50 / p95 ms | writes: p50 / p95 ms | failed | acknowledged writes "
+              "before SIGKILL | found after restart |"), "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, r in results.items():
+        failed = r["search"]["failed"] + r["write"]["failed"]
+        lines.append(f"| {name} | {r['requests_per_s']} | {r['search']['p50_ms']} / {r['search']['p95_ms']} | "
+                     f"{r['write']['p50_ms']} / {r['write']['p95_ms']} | {failed} "
+                     f"| {r['writes_acknowledged_before_the_kill']} | {r['found_after_restart']} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", help="the run directory or checkpoint to serve (with --index)")
@@ -269,6 +430,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3, help="repetitions of the whole sequence; medians are reported")
+    parser.add_argument("--mixed", action="store_true",
+                        help="instead: 90%% searches and 10%% writes at concurrency 32 on both backends (an index "
+                             "folder, Milvus Lite), then the same load killed with SIGKILL and the writes counted")
+    parser.add_argument("--kill_after", type=float, default=4.0, help="--mixed: seconds of load before the SIGKILL")
     parser.add_argument("--json", default=str(REPO / "benchmarks" / "serve_load.json"))
     args = parser.parse_args(argv)
     if bool(args.checkpoint) != bool(args.index):
@@ -282,6 +447,16 @@ def main(argv=None) -> dict:
     else:
         run_dir, index_dir = prepare_default(work)
     uploads = encoded_uploads(query_uploads(index_dir, 128), args.k)
+    if args.mixed:
+        mixed = run_mixed(run_dir, index_dir, uploads, args.requests, args.k, work, args.kill_after)
+        report = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join([Path(sys.executable).name] + sys.argv),
+                  "machine": {"cpus": os.cpu_count(), "load_average_at_start": load_at_start,
+                              "load_average_at_end": os.getloadavg()}, "checkpoint": str(run_dir),
+                  "index": str(index_dir), "mixed": mixed}
+        print(mixed_table(mixed))
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"results: {args.json}")
+        return report
     from normsoftmax.runtime import available_cpus
 
     threads = max(1, available_cpus() - 1)  # what `normsoftmax serve` uses by default
