@@ -287,6 +287,9 @@ class CalibrateConfig:
                                                                                   "--target_precision"))
     target_fmr: list[float] | None = option(None, "false match rate(s) not to exceed, e.g. 0.001",
                                             flags=("--target-fmr", "--target_fmr"))
+    apply: str | None = option(None, "which target an index and the service apply when several are given "
+                                     "(default: the first precision target, else the first FMR target)",
+                               choices=("precision", "fmr"))
     binary: bool = option(True, "also calibrate the sign bits under Hamming distance")
     out: str | None = option(None, "where to write (default RUN_DIR/calibration.json, or FILE.calibration.json "
                                    "beside an embeddings file)")

@@ -38,6 +38,10 @@ def calibrate_checkpoint(config: CalibrateConfig) -> dict:
               [Target("fmr", f) for f in config.target_fmr or []]
     if not targets:
         targets = [Target("precision", 0.99)]
+    applied = next((target for target in targets if target.metric == config.apply), None) if config.apply \
+        else targets[0]
+    if applied is None:
+        raise ValueError(f"--apply {config.apply}: no {config.apply} target was given")
     source = Path(config.source).expanduser()
     started = time.perf_counter()
     if source.suffix == ".npz":
@@ -51,7 +55,7 @@ def calibrate_checkpoint(config: CalibrateConfig) -> dict:
     result = calibrate_thresholds(embeddings, labels, targets, kinds=kinds, seed=config.seed)
     document = {"format": CALIBRATION_FORMAT, "model": model, "source": described,
                 "images": int(len(labels)), "classes": int(len(np.unique(labels))),
-                "targets": [target.name for target in targets], "default": targets[0].name, **result,
+                "targets": [target.name for target in targets], "default": applied.name, **result,
                 "seconds": round(time.perf_counter() - started, 1), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     atomic_write(out, json.dumps(document, indent=2) + "\n", durable=True)
     document["path"] = str(out)
