@@ -273,8 +273,8 @@ def backends_of(index_dir: Path, work: Path) -> dict[str, str]:
     """Two fresh copies of the collection: an index folder, and a Milvus Lite collection of the same vectors."""
     import shutil
 
-    from normsoftmax.embedding.files import EmbeddingsFile
-    from normsoftmax.search import SearchIndex, create_index
+    from normsoftmax.embedding.files import EmbeddingsFile, write_embeddings
+    from normsoftmax.search import SearchIndex
     from normsoftmax.search.backends import milvus_location
 
     source = SearchIndex.open(index_dir)
@@ -291,9 +291,13 @@ def backends_of(index_dir: Path, work: Path) -> dict[str, str]:
     embeddings = EmbeddingsFile(source.vectors_of(ids), [r.path for r in records],
                                 np.array([names.index(label) for label in labels]) if names else None,
                                 {"model": source.model, "label_names": names})
-    location = milvus_location(str(database), "mixed")
-    create_index(location, embeddings)
-    return {"faiss folder": str(folder), "Milvus Lite": location}
+    # Built by the command line in a process of its own: Milvus Lite lets one process at a time open the file,
+    # and a client here keeps it until this process ends.
+    exported = work / "mixed_embeddings.npz"
+    write_embeddings(exported, embeddings.embeddings, embeddings.paths, embeddings.labels, embeddings.metadata)
+    subprocess.run([sys.executable, "-m", "normsoftmax", "index", "build", str(exported), "--backend", "milvus",
+                    "--uri", str(database), "--collection", "mixed"], check=True, capture_output=True)
+    return {"faiss folder": str(folder), "Milvus Lite": milvus_location(str(database), "mixed")}
 
 
 async def mixed_load(url: str, uploads, concurrency: int, total: int, k: int, write_share: float,

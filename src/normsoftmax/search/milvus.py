@@ -136,6 +136,9 @@ class MilvusIndex:
         if not client.has_collection(collection) or not client.has_collection(collection + _META_SUFFIX):
             raise FileNotFoundError(f"{location}: no normsoftmax collection {collection!r} there; build one with "
                                     f"`normsoftmax index build EMBEDDINGS.npz --out {location}`")
+        # A collection is "released" after the process that made it ends (Milvus Lite) or the server restarts:
+        # loading is what makes it searchable, and loading a loaded collection does nothing.
+        client.load_collection(collection + _META_SUFFIX)
         rows = client.query(collection + _META_SUFFIX, filter="id == 0", output_fields=["info"])
         if not rows:
             raise ValueError(f"{location}: the collection's description is missing; the collection is damaged")

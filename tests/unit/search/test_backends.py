@@ -93,3 +93,25 @@ def test_another_models_embeddings_and_a_taken_location_are_refused(backend):
 
     with pytest.raises(ValueError, match="not comparable"):
         collection.check_model(Other())
+
+
+def test_a_milvus_collection_built_by_another_process_opens_and_searches(tmp_path):
+    # as `index build --backend milvus` then `serve` do: the building process ends, its collections are released
+    pytest.importorskip("milvus_lite")
+    import subprocess
+    import sys
+
+    from normsoftmax.embedding.files import write_embeddings
+
+    embeddings = _embeddings(40, seed=5)
+    source = tmp_path / "e.npz"
+    write_embeddings(source, embeddings.embeddings, embeddings.paths, embeddings.labels, embeddings.metadata)
+    database = tmp_path / "built.db"
+    build = ("import sys; from normsoftmax.embedding.files import read_embeddings; "
+             "from normsoftmax.search.backends import create_index, milvus_location; "
+             "create_index(milvus_location(sys.argv[2], 'photos'), read_embeddings(sys.argv[1]))")
+    subprocess.run([sys.executable, "-c", build, str(source), str(database)], check=True, timeout=300)
+    collection = open_index(milvus_location(str(database), "photos"))
+    assert collection.count == 40
+    found = collection.search(embeddings.embeddings[:3], k=1)
+    assert list(found.ids[:, 0]) == [0, 1, 2]
