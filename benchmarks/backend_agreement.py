@@ -6,6 +6,7 @@ the embedded engine behind the same client), searched with the same queries.
 * approximate kinds (faiss IVF-PQ, Milvus IVF_FLAT and HNSW): recall@k against the exact faiss neighbours.
 
     .venv/bin/python benchmarks/backend_agreement.py [--embeddings demo_output/gallery.npz] [--synthetic 100000]
+        [--uri http://HOST:19530]    # a Milvus server: there the approximate indexes are approximate
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def recall_at(found: np.ndarray, exact: np.ndarray) -> float:
     return float(np.mean([len(set(f) & set(e)) / len(e) for f, e in zip(found, exact, strict=True)]))
 
 
-def compare(name: str, embeddings, queries: int, k: int, work: Path) -> dict:
+def compare(name: str, embeddings, queries: int, k: int, work: Path, uri: str | None = None) -> dict:
     from normsoftmax.search.backends import create_index, milvus_location
     from normsoftmax.search.vectors import MIN_IVF_VECTORS, choose_ivf_parameters
 
@@ -53,9 +54,10 @@ def compare(name: str, embeddings, queries: int, k: int, work: Path) -> dict:
     result["kinds"]["faiss flat"] = {"build_s": round(time.perf_counter() - started, 1)}
     truth = exact.search(query_vectors, k=k)
     truth_binary = exact.search(query_vectors, k=k, kind="binary")
+    engine = "Milvus" if uri else "Milvus Lite"
     candidates: list[tuple[str, str, str | None]] = [
-        ("Milvus Lite FLAT", "flat", "FLAT"), ("Milvus Lite IVF_FLAT", "ivf", "IVF_FLAT"),
-        ("Milvus Lite HNSW", "flat", "HNSW")]
+        (f"{engine} FLAT", "flat", "FLAT"), (f"{engine} IVF_FLAT", "ivf", "IVF_FLAT"),
+        (f"{engine} HNSW", "flat", "HNSW")]
     if len(embeddings.embeddings) >= MIN_IVF_VECTORS:
         candidates.insert(0, ("faiss IVF-PQ", "ivf", None))
     for label, kind, milvus_index in candidates:
@@ -64,7 +66,8 @@ def compare(name: str, embeddings, queries: int, k: int, work: Path) -> dict:
             index = create_index(str(work / f"{name}-ivf"), embeddings, "ivf",
                                  ivf=choose_ivf_parameters(len(embeddings.embeddings), embeddings.dim))
         else:
-            location = milvus_location(str(work / f"{name}-{milvus_index.lower()}.db"), "agreement")
+            location = (milvus_location(uri, f"agreement_{name}_{milvus_index.lower()}") if uri else
+                        milvus_location(str(work / f"{name}-{milvus_index.lower()}.db"), "agreement"))
             index = create_index(location, embeddings, kind, milvus_index=milvus_index)
         built = time.perf_counter() - started
         started = time.perf_counter()
@@ -91,6 +94,8 @@ def main() -> None:
     parser.add_argument("--synthetic", type=int, default=100_000, help="also this many clustered vectors (0: none)")
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--uri", default=None, help="a Milvus server (http://HOST:19530) instead of Milvus Lite files; "
+                                                    "the benchmark creates collections agreement_* there")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
@@ -105,7 +110,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         for name, embeddings in sets:
             print(f"{name}: {len(embeddings.embeddings)} x {embeddings.embeddings.shape[1]}", flush=True)
-            report["results"].append(compare(name, embeddings, args.queries, args.k, Path(scratch)))
+            report["results"].append(compare(name, embeddings, args.queries, args.k, Path(scratch), args.uri))
     print(json.dumps(report, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
