@@ -158,7 +158,7 @@ def duplicates_case(count: int, method: str, radius: int, sample: int | None) ->
     elif sample is None or sample >= count:
         found = binary_pairs_range_search(codes, radius)
     else:
-        found = _sampled_range_search(codes, radius, sample)
+        found = binary_pairs_range_search(codes, radius, queries=sample)
         scaled = count / sample
     first, second, _ = found
     groups = groups_of(count, first, second) if scaled is None else None
@@ -176,27 +176,6 @@ def duplicates_case(count: int, method: str, radius: int, sample: int | None) ->
             "groups": len(groups) if groups is not None else None, "exact": exact,
             "codes_mb": round(codes.nbytes / 2**20, 1), "rss_before_mb": round(before, 1),
             "peak_mb": round(peak, 1), "peak_above_start_mb": round(peak - before, 1)}
-
-
-def _sampled_range_search(codes: np.ndarray, radius: int, sample: int):
-    """The exhaustive range search for the first ``sample`` items as queries against all: the same per-query work
-    as the full search, so its time scales linearly."""
-    import faiss
-
-    from normsoftmax.search.duplicates import QUERY_BLOCK
-
-    index = faiss.IndexBinaryFlat(BITS)
-    index.add(codes)
-    firsts, seconds, distances = [], [], []
-    for start in range(0, sample, QUERY_BLOCK):
-        stop = min(start + QUERY_BLOCK, sample)
-        limits, found_distances, found = index.range_search(np.ascontiguousarray(codes[start:stop]), radius + 1)
-        queries = np.repeat(np.arange(start, stop), np.diff(limits.astype(np.int64)))
-        keep = queries < found
-        firsts.append(queries[keep])
-        seconds.append(found[keep].astype(np.int64))
-        distances.append(found_distances[keep])
-    return np.concatenate(firsts), np.concatenate(seconds), np.concatenate(distances)
 
 
 def run_case_subprocess(count: int, method: str, radius: int, sample: int | None) -> dict:

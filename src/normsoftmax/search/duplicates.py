@@ -148,21 +148,24 @@ def _equal_key_pairs(keys: np.ndarray) -> np.ndarray | None:
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
 
-def binary_pairs_range_search(codes: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def binary_pairs_range_search(codes: np.ndarray, radius: int,
+                              queries: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Every pair (i < j) within Hamming ``radius`` by faiss's exhaustive range search, a block of queries at a time
-    (the baseline, and the path for wide radii)."""
+    (the baseline, and the path for wide radii); ``queries``: only the pairs of the first that many items (i < j
+    still, each query searching all items: a timing sample)."""
     import faiss
 
     index = faiss.IndexBinaryFlat(codes.shape[1] * 8)
     index.add(np.ascontiguousarray(codes))
     firsts, seconds, distances = [], [], []
-    for start in range(0, len(codes), QUERY_BLOCK):
-        limits, found_distances, found = index.range_search(np.ascontiguousarray(codes[start:start + QUERY_BLOCK]),
-                                                            radius + 1)  # faiss keeps distances < radius
+    last = len(codes) if queries is None else min(queries, len(codes))
+    for start in range(0, last, QUERY_BLOCK):
+        block = np.ascontiguousarray(codes[start:min(start + QUERY_BLOCK, last)])
+        limits, found_distances, found = index.range_search(block, radius + 1)  # faiss keeps distances < radius
         limits = limits.astype(np.int64)
-        queries = np.repeat(np.arange(start, start + len(limits) - 1), np.diff(limits))
-        keep = queries < found
-        firsts.append(queries[keep])
+        rows = np.repeat(np.arange(start, start + len(limits) - 1), np.diff(limits))
+        keep = rows < found
+        firsts.append(rows[keep])
         seconds.append(found[keep].astype(np.int64))
         distances.append(found_distances[keep].astype(np.int64))
     return np.concatenate(firsts), np.concatenate(seconds), np.concatenate(distances)

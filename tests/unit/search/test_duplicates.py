@@ -54,6 +54,8 @@ def test_multi_index_hashing_and_range_search_find_exactly_the_brute_force_pairs
         assert set(zip(first.tolist(), second.tolist(), strict=True)) == expected
         assert (distance <= radius).all()
     assert binary_pairs_multi_index(codes, 200) is None  # chunks narrower than 2 bytes: not worth hashing
+    first, second, _ = binary_pairs_range_search(codes, radius, queries=50)  # a sample: the first 50 as queries
+    assert set(zip(first.tolist(), second.tolist(), strict=True)) == {pair for pair in expected if pair[0] < 50}
 
 
 def test_float_pairs_are_exact_at_the_threshold():
