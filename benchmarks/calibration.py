@@ -126,29 +126,18 @@ def planted_pairs(group: np.ndarray) -> set[tuple[int, int]]:
     return pairs
 
 
-def _status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")
-
-
 def duplicates_case(count: int, method: str, radius: int, sample: int | None) -> dict:
     """One case, in this process: the pairs within ``radius`` and the groups, time and peak memory."""
     import faiss
 
+    from eval_scale import peak_mb, reset_peak, rss_mb  # the benchmarks' one way of reading resident memory
     from normsoftmax.search.duplicates import binary_pairs_multi_index, binary_pairs_range_search, groups_of
 
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     codes, group = planted_codes(count, radius)
     expected = planted_pairs(group)
-    before = _status_mb("VmRSS")
-    _reset_peak()
+    before = rss_mb() or 0.0
+    reset_peak()
     started = time.perf_counter()
     scaled = None
     if method == "multi-index":
@@ -163,7 +152,7 @@ def duplicates_case(count: int, method: str, radius: int, sample: int | None) ->
     first, second, _ = found
     groups = groups_of(count, first, second) if scaled is None else None
     seconds = time.perf_counter() - started
-    peak = _status_mb("VmHWM")
+    peak = peak_mb()
     pairs = set(zip(first.tolist(), second.tolist(), strict=True))
     if scaled is None:
         exact = pairs == expected

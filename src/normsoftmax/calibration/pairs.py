@@ -54,10 +54,13 @@ class HammingPairs:
     dim: int
 
 
-def _tiles(count: int):
-    for start in range(0, count, TILE):
-        for other in range(start, count, TILE):
-            yield start, min(count, start + TILE), other, min(count, other + TILE)
+def upper_tiles(count: int, tile: int | None = None):
+    """(r0, r1, c0, c1) of the tiles of a count x count matrix on or above its diagonal (``tile``: TILE, read at
+    call time)."""
+    tile = tile or TILE
+    for start in range(0, count, tile):
+        for other in range(start, count, tile):
+            yield start, min(count, start + tile), other, min(count, other + tile)
 
 
 def _upper(rows: tuple[int, int], columns: tuple[int, int]) -> np.ndarray:
@@ -85,7 +88,7 @@ def float_pairs(embeddings, labels, extra_edges=()) -> FloatPairs:
     edges = np.unique(np.concatenate([genuine, np.asarray(extra_edges, dtype=np.float64)]))
     bins = np.zeros(len(edges) + 1, dtype=np.int64)  # bins[b]: impostors with b edges at or below their score
     impostors = 0
-    for r0, r1, c0, c1 in _tiles(len(x)):
+    for r0, r1, c0, c1 in upper_tiles(len(x)):
         scores = cosines(x[r0:r1] @ x[c0:c1].T, squared[r0:r1], squared[c0:c1])
         mask = (labels[r0:r1, None] != labels[None, c0:c1]) & _upper((r0, r1), (c0, c1))
         values = scores[mask]
@@ -104,13 +107,10 @@ def _genuine_cosines(x: np.ndarray, squared: np.ndarray, labels: np.ndarray) -> 
     parts = []
     for start, end in zip(starts, ends, strict=True):
         members = order[start:end]
-        for m0 in range(0, len(members), TILE):  # one class of any size, a tile at a time
-            for n0 in range(m0, len(members), TILE):
-                first, second = members[m0:m0 + TILE], members[n0:n0 + TILE]
-                block = cosines(x[first] @ x[second].T, squared[first], squared[second])
-                rows = np.arange(m0, min(len(members), m0 + TILE))[:, None]
-                columns = np.arange(n0, min(len(members), n0 + TILE))[None, :]
-                parts.append(block[rows < columns])
+        for m0, m1, n0, n1 in upper_tiles(len(members)):  # one class of any size, a tile at a time
+            first, second = members[m0:m1], members[n0:n1]
+            block = cosines(x[first] @ x[second].T, squared[first], squared[second])
+            parts.append(block[_upper((m0, m1), (n0, n1))])
     return np.concatenate(parts) if parts else np.zeros(0, np.float64)
 
 
@@ -121,7 +121,7 @@ def hamming_pairs(embeddings, labels) -> HammingPairs:
     labels = np.asarray(labels)
     genuine = np.zeros(dim + 1, dtype=np.int64)
     impostor = np.zeros(dim + 1, dtype=np.int64)
-    for r0, r1, c0, c1 in _tiles(len(codes)):
+    for r0, r1, c0, c1 in upper_tiles(len(codes)):
         agreement = codes[r0:r1] @ codes[c0:c1].T  # dim - 2 x Hamming
         distance = np.rint((dim - agreement) / 2).astype(np.int64)
         upper = _upper((r0, r1), (c0, c1))
@@ -131,4 +131,4 @@ def hamming_pairs(embeddings, labels) -> HammingPairs:
     return HammingPairs(genuine, impostor, dim)
 
 
-__all__ = ["FloatPairs", "HammingPairs", "float_pairs", "hamming_pairs", "cosines", "TILE"]
+__all__ = ["FloatPairs", "HammingPairs", "float_pairs", "hamming_pairs", "cosines", "upper_tiles", "TILE"]

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from ..calibration.pairs import upper_tiles
 from ..files import atomic_output, atomic_write
 
 logger = logging.getLogger(__name__)
@@ -63,14 +64,13 @@ def float_pairs_over(vectors: np.ndarray, threshold: float) -> tuple[np.ndarray,
     dim = x32.shape[1]
     margin = dim * 2.0**-23 + 1e-6  # bounds float32 rounding of a dot product of unit vectors
     firsts, seconds = [], []
-    for r0 in range(0, len(x32), TILE):
-        for c0 in range(r0, len(x32), TILE):
-            scores = x32[r0:r0 + TILE] @ x32[c0:c0 + TILE].T
-            rows, columns = np.nonzero(scores >= threshold - margin)
-            rows, columns = rows + r0, columns + c0
-            keep = rows < columns
-            firsts.append(rows[keep])
-            seconds.append(columns[keep])
+    for r0, r1, c0, c1 in upper_tiles(len(x32), TILE):
+        scores = x32[r0:r1] @ x32[c0:c1].T
+        rows, columns = np.nonzero(scores >= threshold - margin)
+        rows, columns = rows + r0, columns + c0
+        keep = rows < columns
+        firsts.append(rows[keep])
+        seconds.append(columns[keep])
     return _rescored(vectors, np.concatenate(firsts), np.concatenate(seconds), threshold)
 
 

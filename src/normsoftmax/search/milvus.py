@@ -33,7 +33,7 @@ import numpy as np
 from ..embedding.files import EmbeddingsFile
 from .index import check_model, hits_of
 from .items import ItemRecord
-from .vectors import Neighbours, check_k, check_kind, normalized, plus_minus_one
+from .vectors import Neighbours, binary_codes, check_k, check_kind, normalized, plus_minus_one
 
 MILVUS_SCHEMES = ("milvus", "milvus+https", "milvus+http")
 _META_SUFFIX = "_normsoftmax"
@@ -289,7 +289,7 @@ class MilvusIndex:
         return self._field_of(item_ids, "vector")
 
     def codes_of(self, item_ids) -> np.ndarray:
-        return np.packbits(self._field_of(item_ids, "codes") > 0, axis=1)
+        return binary_codes(self._field_of(item_ids, "codes"))
 
     def _field_of(self, item_ids, field: str) -> np.ndarray:
         wanted = [int(i) for i in np.asarray(item_ids).reshape(-1)]
