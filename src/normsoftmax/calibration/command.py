@@ -125,6 +125,11 @@ def decisions_of(document: dict, path: str | None = None) -> dict:
     return carried
 
 
+def read_decisions(path: str | Path, digest: str | None) -> dict:
+    """What an index carries from a given ``calibration.json`` of the model ``digest`` (another model's: refused)."""
+    return decisions_of(read_calibration(path, digest), str(Path(path).resolve()))
+
+
 def run_calibration_for(checkpoint: str | None, digest: str | None) -> dict | None:
     """The calibration of the run a checkpoint belongs to, when that run has one for the same model."""
     if not checkpoint:
@@ -143,4 +148,5 @@ def run_calibration_for(checkpoint: str | None, digest: str | None) -> dict | No
     return decisions_of(document, str(file))
 
 
-__all__ = ["calibrate_checkpoint", "read_calibration", "decisions_of", "run_calibration_for", "CALIBRATION_NAME"]
+__all__ = ["calibrate_checkpoint", "read_calibration", "decisions_of", "read_decisions", "run_calibration_for",
+           "CALIBRATION_NAME"]

@@ -88,10 +88,10 @@ def _build_location(config: IndexBuildConfig) -> str:
 
 
 def _calibration_for(explicit: str | None, embeddings: EmbeddingsFile, digest: str | None) -> dict | None:
-    from ..calibration import decisions_of, read_calibration, run_calibration_for
+    from ..calibration import read_decisions, run_calibration_for
 
     if explicit:
-        return decisions_of(read_calibration(explicit, digest), str(Path(explicit).resolve()))
+        return read_decisions(explicit, digest)
     found = run_calibration_for((embeddings.metadata.get("model") or {}).get("checkpoint"), digest)
     if found:
         logger.info("the index carries the match thresholds of %s", found["file"])
@@ -146,10 +146,10 @@ def load_model_for(index, checkpoint: str | os.PathLike | None, device):
 def match_thresholds(index, model, explicit: str | None = None) -> dict | None:
     """The thresholds that decide ``match``: ``explicit`` (a calibration.json), else the index's, else those of
     the model's run; each refused when it calibrates another model."""
-    from ..calibration import decisions_of, read_calibration, run_calibration_for
+    from ..calibration import read_decisions, run_calibration_for
 
     if explicit:
-        return decisions_of(read_calibration(explicit, model.digest), str(Path(explicit).resolve()))
+        return read_decisions(explicit, model.digest)
     carried = index.calibration
     if carried:
         if carried.get("digest") not in (None, model.digest):
