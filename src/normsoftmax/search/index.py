@@ -44,7 +44,7 @@ import faiss
 import numpy as np
 
 from ..embedding.files import EmbeddingsFile
-from ..files import atomic_output, atomic_write, ensure_free_space, fsync_directory
+from ..files import atomic_output, atomic_write, ensure_free_space
 from . import journal
 from .items import ItemRecord, Items
 from .journal import Change
@@ -756,10 +756,6 @@ def _trained_ivf(vectors: np.ndarray, ivf: IvfParameters, seed: int):
         if ivf.train_count < len(vectors) else slice(None)
     index.train(np.ascontiguousarray(vectors[sample]))
     return index
-
-
-def fsync_images(directory: Path) -> None:
-    fsync_directory(directory / IMAGES_FOLDER)
 
 
 __all__ = ["SearchIndex", "Neighbours", "Items", "ItemRecord", "IvfParameters", "choose_ivf_parameters",

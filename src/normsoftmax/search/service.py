@@ -282,10 +282,12 @@ class SearchService:
         stored: list[FilePath] = []
 
         def store(ids: list[int]) -> list[str]:
+            created = not folder.is_dir()
             folder.mkdir(parents=True, exist_ok=True)
+            if created:  # the folder's own entry, once; each file's entry is synced by the durable write
+                fsync_directory(folder.parent)
             path = folder / f"{ids[0]}{suffix}"
             atomic_write(path, data, durable=True)  # the image is on disk before the item is committed
-            fsync_directory(folder)
             stored.append(path)
             return [str(path)]
 
